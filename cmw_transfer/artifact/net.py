@@ -1,0 +1,143 @@
+"""CMW-Net: ``V(loss, class-size family) -> weight in [0, 1]``; K=1 is MW-Net.
+
+A shared trunk ``Linear(1->H) + ReLU`` feeds K heads ``Linear(H->1) + Sigmoid``. The K heads are stored as the
+rows of one ``Linear(H->K)`` so that choosing a head per sample is one gather, not a Python loop. Row ``i`` is
+the head for the ``i``-th smallest class-size center (see :mod:`cmw_transfer.artifact.scales`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from cmw_transfer.artifact import fileformat
+from cmw_transfer.weights.spec import WeightsSpec, parse_weights_spec, pretrained_path
+
+FORMAT_VERSION = fileformat.FORMAT_VERSION
+
+
+class CMWNet(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="cmw-transfer",
+    tags=["sample-weighting", "noisy-labels", "long-tail", "meta-learning"],
+    paper_url="https://arxiv.org/abs/2202.05613",
+    license="mit",
+):
+    """Class-aware meta-weight-net; also a Hub mixin, so save / load / push live here."""
+
+    def __init__(
+        self,
+        hidden_size: int = 100,
+        num_heads: int = 3,
+        centers: list[float] | None = None,
+        loss_range: dict[str, float] | None = None,
+        provenance: dict[str, Any] | None = None,
+        format_version: int = FORMAT_VERSION,
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or num_heads < 1:
+            raise ValueError(f"hidden_size and num_heads must be >= 1, got {hidden_size}, {num_heads}")
+        if centers is not None and len(centers) != num_heads:
+            raise ValueError(f"{len(centers)} centers for {num_heads} heads")
+        self.hidden_size = int(hidden_size)
+        self.num_heads = int(num_heads)
+        self.centers = [float(c) for c in centers] if centers is not None else None
+        self.loss_range = dict(loss_range) if loss_range else None
+        self.provenance = dict(provenance) if provenance else {}
+        self.format_version = int(format_version)
+        self.trunk = nn.Linear(1, hidden_size)
+        self.heads = nn.Linear(hidden_size, num_heads)
+
+    # -- the function itself -------------------------------------------------------------------------------------
+    def forward(self, loss: torch.Tensor, family: torch.Tensor | None = None) -> torch.Tensor:
+        """One weight per sample. ``loss``: [B] or [B, 1]; ``family``: [B] head indices (optional when K=1)."""
+        loss = loss.reshape(-1, 1).to(self.trunk.weight.dtype)
+        hidden = torch.relu(self.trunk(loss))
+        if family is None:
+            if self.num_heads != 1:
+                raise ValueError(f"family is required for a net with {self.num_heads} heads")
+            family = torch.zeros(loss.shape[0], dtype=torch.long, device=loss.device)
+        family = family.reshape(-1).long()
+        logit = (hidden * self.heads.weight[family]).sum(dim=1) + self.heads.bias[family]
+        return torch.sigmoid(logit)
+
+    @torch.no_grad()
+    def curves(self, losses: np.ndarray | list[float]) -> np.ndarray:
+        """Weight of every head over a loss grid, shape [K, len(losses)] (the paper's Fig. 3)."""
+        grid = torch.as_tensor(np.asarray(losses, dtype=np.float32), device=self.trunk.weight.device)
+        rows = [self(grid, torch.full_like(grid, k, dtype=torch.long)) for k in range(self.num_heads)]
+        return torch.stack(rows).cpu().numpy()
+
+    # -- configuration -------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild and to trust the net; stored in config.json and the safetensors header."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            "centers": self.centers,
+            "loss_range": self.loss_range,
+            "provenance": self.provenance,
+            "format_version": self.format_version,
+        }
+
+    def with_scales(self, centers: list[float] | np.ndarray, loss_range: dict[str, float] | None = None) -> CMWNet:
+        """A copy carrying the source run's centers and loss range (set by the meta-train stage)."""
+        net = copy.deepcopy(self)
+        net.centers = [float(c) for c in centers]
+        if loss_range is not None:
+            net.loss_range = dict(loss_range)
+        return net
+
+    # -- persistence (Hub layout: model.safetensors + config.json + README.md) -------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str | None:  # type: ignore[override]
+        return super().save_pretrained(save_directory, config=self.config(), **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from cmw_transfer.artifact.card import render_model_card
+        from cmw_transfer.atomic import write_json, write_text
+
+        fileformat.save_net(self, save_directory / fileformat.WEIGHTS_NAME)
+        write_json(save_directory / fileformat.CONFIG_NAME, self.config())
+        write_text(save_directory / "README.md", render_model_card(self))
+
+    def save_safetensors(self, path: str | os.PathLike) -> None:
+        """A lone, self-describing ``.safetensors`` file (the config travels in its header)."""
+        fileformat.save_net(self, Path(path))
+
+    @classmethod
+    def from_pretrained(cls, spec: str | os.PathLike | WeightsSpec, **kwargs: Any) -> CMWNet:  # type: ignore[override]
+        """Load a weights spec: a directory, a ``.safetensors`` file, ``hub:org/name[@rev]`` or ``pretrained:NAME``."""
+        parsed = spec if isinstance(spec, WeightsSpec) else parse_weights_spec(str(spec))
+        if parsed.kind == "hub":
+            from cmw_transfer.weights.hub import hub_errors_as_user_errors
+
+            with hub_errors_as_user_errors(parsed):
+                return super().from_pretrained(parsed.target, revision=parsed.revision, **kwargs)
+        path = pretrained_path(parsed.target) if parsed.kind == "pretrained" else Path(parsed.target)
+        return fileformat.load_net(cls, path)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: Any, force_download: bool,
+                         local_files_only: bool, token: Any, **config: Any) -> CMWNet:
+        from huggingface_hub import hf_hub_download
+
+        weights_file = hf_hub_download(
+            repo_id=model_id,
+            filename=fileformat.WEIGHTS_NAME,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        net = fileformat.load_net(cls, Path(weights_file))
+        fileformat.check_config_agrees(net.config(), config, source=f"hub:{model_id}")
+        return net

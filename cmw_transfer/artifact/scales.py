@@ -1,0 +1,107 @@
+"""Class-size families: k-means on per-class sample counts, heads ordered by size.
+
+Head ``i`` of a CMW-Net always means "the i-th smallest class-size center". That convention is what makes a
+net transferable: on a new dataset the centers are re-fitted on its own class counts and each class takes the
+head of the same rank, whatever label numbers k-means happened to produce.
+
+Degenerate targets (fewer distinct class sizes ``d`` than heads ``K``, e.g. a balanced dataset) follow one
+documented rule instead of crashing: every distinct size becomes its own family, and the ``d`` families take
+the heads whose ranks are spread evenly over ``0..K-1`` (``d = 1`` takes the middle head ``(K-1)//2``, i.e.
+"medium" for K=3; ``d = 2`` takes the smallest and the largest head). The unused heads receive placeholder
+centers strictly between (or beyond) their neighbours, so the centers stay strictly ascending and no class is
+ever nearest to a placeholder. A :class:`DegenerateScalesWarning` says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+KMEANS_SEED = 0
+KMEANS_INITS = 10
+
+
+class DegenerateScalesWarning(UserWarning):
+    """Fewer distinct class sizes than families: the documented fallback rule was applied."""
+
+
+def _as_counts(class_counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    counts = np.asarray(class_counts, dtype=np.float64).reshape(-1)
+    if counts.size == 0:
+        raise ValueError("class_counts is empty: need at least one class")
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError("class_counts must be finite and non-negative")
+    return counts
+
+
+def spread_head_ranks(num_families: int, num_heads: int) -> np.ndarray:
+    """Head index for each of ``num_families`` ascending families when there are fewer families than heads."""
+    if num_families == 1:
+        return np.array([(num_heads - 1) // 2])
+    return np.round(np.linspace(0, num_heads - 1, num_families)).astype(int)
+
+
+def _fill_placeholders(used_heads: np.ndarray, used_centers: np.ndarray, num_heads: int) -> np.ndarray:
+    centers = np.full(num_heads, np.nan)
+    centers[used_heads] = used_centers
+    for head in range(num_heads):
+        if not np.isnan(centers[head]):
+            continue
+        below = [h for h in used_heads if h < head]
+        above = [h for h in used_heads if h > head]
+        if below and above:  # interpolate between the nearest used neighbours
+            lo, hi = max(below), min(above)
+            frac = (head - lo) / (hi - lo)
+            centers[head] = centers[lo] + frac * (centers[hi] - centers[lo])
+        elif above:  # below the smallest family: halve per missing rank
+            hi = min(above)
+            centers[head] = centers[hi] * 0.5 ** (hi - head) if centers[hi] > 0 else -(hi - head)
+        else:  # above the largest family: double per missing rank
+            lo = max(below)
+            centers[head] = centers[lo] * 2.0 ** (head - lo) if centers[lo] > 0 else head - lo
+    return centers
+
+
+def fit_scale_centers(
+    class_counts: Sequence[float] | np.ndarray, k: int = 3, *, seed: int = KMEANS_SEED
+) -> np.ndarray:
+    """K-means (scikit-learn) on per-class counts; returns ``k`` strictly ascending centers.
+
+    Deterministic: a fixed seed and several initialisations, so the same counts always give the same centers,
+    independent of class order.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    counts = _as_counts(class_counts)
+    distinct = np.unique(counts)
+    if distinct.size < k:
+        warnings.warn(
+            f"{distinct.size} distinct class size(s) for {k} families: each size is its own family, placed on "
+            f"heads {spread_head_ranks(distinct.size, k).tolist()} (see cmw_transfer.artifact.scales)",
+            DegenerateScalesWarning,
+            stacklevel=2,
+        )
+        return _fill_placeholders(spread_head_ranks(distinct.size, k), distinct, k)
+    km = KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=seed).fit(counts.reshape(-1, 1))
+    centers = np.sort(km.cluster_centers_.reshape(-1))
+    if np.any(np.diff(centers) <= 0):  # k-means collapsed two clusters onto one value
+        raise RuntimeError(f"k-means returned coincident centers {centers.tolist()}")
+    return centers
+
+
+def assign_families(class_sizes: Sequence[float] | np.ndarray, centers: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Family (= head index) of each class: the nearest center; ties go to the smaller center."""
+    sizes = _as_counts(class_sizes)
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1)
+    if centers.size == 0 or np.any(np.diff(centers) <= 0):
+        raise ValueError(f"centers must be non-empty and strictly ascending, got {centers.tolist()}")
+    return np.abs(sizes[:, None] - centers[None, :]).argmin(axis=1).astype(np.int64)
+
+
+def fit_families(class_counts: Sequence[float] | np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """``(centers, family_of_class)`` for a dataset's class counts: the meta-test re-clustering in one call."""
+    centers = fit_scale_centers(class_counts, k)
+    return centers, assign_families(class_counts, centers)

@@ -1,0 +1,61 @@
+"""``cmw-transfer inspect``: what a weighting net is, where it came from, and what it does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cmw_transfer.artifact.curves import TABLE_LOSSES, curves_table, family_names, plot_curves
+from cmw_transfer.artifact.net import CMWNet
+from cmw_transfer.cli.options import weights_option
+
+
+def describe(net: CMWNet, spec: str) -> dict:
+    return {
+        "spec": spec,
+        "method": "mwnet" if net.num_heads == 1 else "cmwnet",
+        "config": net.config(),
+        "families": [{"head": i, "name": name, "center": c}
+                     for i, (name, c) in enumerate(zip(family_names(net.num_heads), net.centers or []))],
+        "curves": curves_table(net),
+    }
+
+
+def _print_text(info: dict) -> None:
+    cfg = info["config"]
+    click.echo(f"weights:        {info['spec']}")
+    click.echo(f"method:         {info['method']} (K={cfg['num_heads']}, hidden={cfg['hidden_size']}, "
+               f"format v{cfg['format_version']})")
+    for key, value in sorted((cfg.get("provenance") or {}).items()):
+        click.echo(f"{key + ':':<16}{value}")
+    if cfg.get("loss_range"):
+        click.echo("loss range:     " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(cfg["loss_range"].items())))
+    click.echo("families:")
+    for fam in info["families"]:
+        click.echo(f"  head {fam['head']}  {fam['name']:<8} center {fam['center']:.1f}")
+    click.echo("weight vs loss:")
+    click.echo("  " + f"{'family':<10}" + "".join(f"{x:>7g}" for x in TABLE_LOSSES))
+    for name, row in info["curves"].items():
+        click.echo("  " + f"{name:<10}" + "".join(f"{w:>7.2f}" for w in row.values()))
+
+
+@click.command("inspect")
+@weights_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the weighting curves per family as a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def inspect_cmd(weights_spec: str, plot_path: Path | None, as_json: bool) -> None:
+    """Print a net's config, provenance, centers and weight per family over a loss grid."""
+    net = CMWNet.from_pretrained(weights_spec)
+    info = describe(net, weights_spec)
+    if plot_path is not None:
+        plot_curves(net, plot_path)
+        info["plot"] = str(plot_path)
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+    else:
+        _print_text(info)
+        if plot_path is not None:
+            click.echo(f"plot:           {plot_path}")

@@ -1,0 +1,29 @@
+"""``cmw-transfer push``: upload a validated net directory to the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cmw_transfer.artifact.net import CMWNet
+from cmw_transfer.errors import UserError
+from cmw_transfer.weights.hub import push_directory
+from cmw_transfer.weights.spec import REPO_ID_PATTERN
+
+
+@click.command("push")
+@click.option("--weights", "weights_dir", required=True, type=click.Path(path_type=Path),
+              help="A directory written by save_pretrained / metatrain.")
+@click.option("--repo", "repo_id", required=True, help="Target repository, org/name.")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", default=None, help="Branch to push to (default: main).")
+def push_cmd(weights_dir: Path, repo_id: str, private: bool, revision: str | None) -> None:
+    """Validate a saved net and upload it with huggingface_hub."""
+    if not weights_dir.is_dir():
+        raise UserError(f"--weights must be a directory written by save_pretrained, got {weights_dir}")
+    if not REPO_ID_PATTERN.match(repo_id):
+        raise UserError(f"--repo must look like org/name, got '{repo_id}'")
+    CMWNet.from_pretrained(str(weights_dir))  # refuse to publish a broken artifact
+    url = push_directory(weights_dir, repo_id, private=private, revision=revision)
+    click.echo(f"pushed {weights_dir} to hub:{repo_id} ({url})")

@@ -1,0 +1,1 @@
+"""Training stages: meta-train (learn the weighting net) and apply (use it frozen)."""

@@ -1,0 +1,1 @@
+"""Weighting nets shipped with cmw-transfer, one folder each; load them as ``pretrained:FOLDER``."""
