@@ -1,0 +1,49 @@
+"""Long-tailed subsampling (Cui et al. / LDAM style): class i keeps ``floor(n_max * IF**(-i/(C-1)))`` samples.
+
+Class 0 is the head, class C-1 the tail, so the largest / smallest kept count is the imbalance factor IF.
+``n_max`` is the largest count every class can supply: ``min(max_count, min_i floor(count_i / IF**(-i/(C-1))))``
+(for a balanced source that is the per-class count), so the kept counts always match the formula exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cmw_transfer.bias.result import check_labels
+from cmw_transfer.errors import UserError
+
+
+def check_imbalance(imbalance_factor: float) -> float:
+    try:
+        value = float(imbalance_factor)
+    except (TypeError, ValueError):
+        raise UserError(f"imbalance factor must be a number >= 1, got {imbalance_factor!r}") from None
+    if not np.isfinite(value) or value < 1.0:
+        raise UserError(f"imbalance factor must be >= 1 (largest / smallest class), got {value:g}; e.g. 100")
+    return value
+
+
+def long_tail_counts(class_counts: np.ndarray | list[int], imbalance_factor: float) -> np.ndarray:
+    """The exact per-class counts :func:`long_tail_indices` keeps for these available counts."""
+    counts = np.asarray(class_counts, dtype=np.int64)
+    imbalance_factor = check_imbalance(imbalance_factor)
+    c = counts.size
+    if c == 1:
+        return counts.copy()
+    ratio = imbalance_factor ** (-np.arange(c) / (c - 1))
+    n_max = int(min(counts.max(), np.floor(counts / ratio).min()))
+    if n_max < 1:
+        empty = np.flatnonzero(counts == 0).tolist()
+        raise UserError(f"cannot build a long tail: class(es) {empty[:10]} have no samples")
+    return np.floor(n_max * ratio).astype(np.int64)
+
+
+def long_tail_indices(
+    labels: np.ndarray | list[int], num_classes: int, imbalance_factor: float, *, seed: int = 0
+) -> np.ndarray:
+    """Sorted indices of a random long-tailed subset: exactly ``long_tail_counts`` samples per class."""
+    y = check_labels(labels, num_classes)
+    want = long_tail_counts(np.bincount(y, minlength=num_classes), imbalance_factor)
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(np.flatnonzero(y == c), size=int(n), replace=False) for c, n in enumerate(want)]
+    return np.sort(np.concatenate(kept)).astype(np.int64) if kept else np.zeros(0, dtype=np.int64)

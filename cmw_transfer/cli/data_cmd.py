@@ -1,0 +1,163 @@
+"""``cmw-transfer data``: what a dataset spec gives you before you train on it.
+
+Counts samples and classes from the label lists alone (no image is opened), fits the K class-size families
+the weighting net will see (:func:`cmw_transfer.artifact.scales.fit_families`) and, where the ground truth
+is known, reports the realised noise rate of the injected bias.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+import numpy as np
+
+from cmw_transfer.artifact.curves import family_names
+from cmw_transfer.artifact.scales import fit_families
+from cmw_transfer.errors import UserError
+
+if TYPE_CHECKING:
+    from cmw_transfer.dataset import LabeledDataset
+
+MAX_LISTED_CLASSES = 20
+
+
+def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
+    """The JSON-able summary ``data`` prints: counts, families, noise."""
+    counts = ds.class_counts()
+    centers, family = fit_families(counts, k)
+    names = family_names(k)
+    per_class_noise = None
+    if ds.clean_targets is not None:
+        wrong = np.bincount(ds.clean_targets[ds.targets != ds.clean_targets], minlength=ds.num_classes)
+        true_counts = np.bincount(ds.clean_targets, minlength=ds.num_classes)
+        per_class_noise = [round(float(w / t), 4) if t else None for w, t in zip(wrong, true_counts, strict=True)]
+    families = []
+    for head in range(k):
+        members = np.flatnonzero(family == head)
+        families.append({
+            "head": head, "name": names[head], "center": round(float(centers[head]), 3),
+            "num_classes": int(members.size),
+            "min_count": int(counts[members].min()) if members.size else None,
+            "max_count": int(counts[members].max()) if members.size else None,
+        })
+    noise = ds.noise_rate()
+    return {
+        "dataset": spec,
+        "name": ds.name,
+        "split": ds.split,
+        "bias": str(ds.bias) if ds.bias is not None else "none",
+        "bias_steps": list(ds.bias_log),
+        "num_samples": len(ds),
+        "num_classes": ds.num_classes,
+        "class_names": ds.classes,
+        "class_counts": counts.tolist(),
+        "families": families,
+        "family_of_class": family.tolist(),
+        "noise_rate": None if noise is None else round(noise, 6),
+        "class_noise_rate": per_class_noise,
+    }
+
+
+def plot_class_sizes(info: dict, path: Path) -> None:
+    """Histogram of class sizes, one colour per family, centers as dashed lines; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cmw_transfer.atomic import atomic_path
+
+    counts = np.asarray(info["class_counts"])
+    family = np.asarray(info["family_of_class"])
+    fams = info["families"]
+    bins = np.histogram_bin_edges(counts, bins=min(50, max(10, counts.size // 4)))
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    colors = plt.get_cmap("tab10").colors
+    ax.hist([counts[family == f["head"]] for f in fams], bins=bins, stacked=True,
+            color=[colors[f["head"] % 10] for f in fams],
+            label=[f"{f['name']} ({f['num_classes']} classes)" for f in fams])
+    for f in fams:
+        ax.axvline(f["center"], color=colors[f["head"] % 10], linestyle="--", linewidth=1)
+    ax.set_xlabel("samples per class (observed labels)")
+    ax.set_ylabel("classes")
+    title = f"{info['dataset']} [{info['split']}]"
+    if info["noise_rate"] is not None:
+        title += f", noise {100 * info['noise_rate']:.1f}%"
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _print_text(info: dict) -> None:
+    click.echo(f"dataset:     {info['dataset']} ({info['name']}, split {info['split']})")
+    click.echo(f"bias:        {info['bias']}")
+    for step in info["bias_steps"]:
+        extras = ", ".join(f"{k}={v}" for k, v in step.items() if k != "step")
+        click.echo(f"  {step['step']:<16}{extras}")
+    click.echo(f"samples:     {info['num_samples']}")
+    click.echo(f"classes:     {info['num_classes']}")
+    noise = info["noise_rate"]
+    click.echo("noise rate:  " + ("unknown (no ground truth)" if noise is None else f"{100 * noise:.2f}%"))
+    click.echo("families:")
+    for f in info["families"]:
+        span = "" if f["min_count"] is None else f"  counts {f['min_count']}..{f['max_count']}"
+        click.echo(f"  head {f['head']}  {f['name']:<8} center {f['center']:>10.1f}  "
+                   f"{f['num_classes']:>5} classes{span}")
+    counts = info["class_counts"]
+    if len(counts) <= MAX_LISTED_CLASSES:
+        click.echo("classes:")
+        names = info["class_names"] or [str(c) for c in range(len(counts))]
+        noise_by_class = info["class_noise_rate"]
+        for c, count in enumerate(counts):
+            fam = info["families"][info["family_of_class"][c]]["name"]
+            extra = ""
+            if noise_by_class is not None and noise_by_class[c] is not None:
+                extra = f"  noise {100 * noise_by_class[c]:5.1f}%"
+            click.echo(f"  {c:>3} {names[c][:16]:<16} {count:>8}  {fam}{extra}")
+    else:
+        arr = np.asarray(counts)
+        click.echo(f"class counts: min {arr.min()}, median {int(np.median(arr))}, max {arr.max()}")
+
+
+@click.command("data")
+@click.option("--dataset", "spec", required=True, metavar="SPEC",
+              help="digits, cifar10, cifar100, webvision-full, mini-webvision, imagenet-lt, clothing1m, animal-10n, "
+                   "digits-pmd, cifar10-pmd, list:PATH or folder:PATH.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding the dataset's files (not needed for digits).")
+@click.option("--split", default="train", show_default=True, help="Which split to describe.")
+@click.option("--noise", default=None, metavar="STEPS",
+              help="Inject label noise, e.g. sym:0.4, asym:0.3, pmd1:0.35+asym:0.3 (steps left to right).")
+@click.option("--imbalance", type=float, default=None, metavar="IF",
+              help="Long-tail subsampling with imbalance factor IF (largest/smallest class), applied before noise.")
+@click.option("--families", "k", type=int, default=3, show_default=True, help="Number of class-size families K.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bias generators.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a histogram of class sizes coloured by family as a PNG.")
+def data_cmd(spec: str, data_dir: Path | None, split: str, noise: str | None, imbalance: float | None, k: int,
+             seed: int, as_json: bool, plot_path: Path | None) -> None:
+    """Samples, classes, class counts, the K size families and the realised noise of a dataset spec."""
+    from cmw_transfer.dataset import create_dataset
+
+    if k < 1:
+        raise UserError(f"--families must be >= 1, got {k}")
+    ds = create_dataset(spec, data_dir, split, noise=noise, imbalance=imbalance, seed=seed)
+    if not len(ds):
+        raise UserError(f"{spec} [{split}] has no samples")
+    info = describe_dataset(ds, spec, k)
+    if plot_path is not None:
+        plot_class_sizes(info, plot_path)
+        info["plot"] = str(plot_path)
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+    else:
+        _print_text(info)
+        if plot_path is not None:
+            click.echo(f"plot:        {plot_path}")
