@@ -1,0 +1,113 @@
+"""``cmw-transfer apply``: train a classifier on a target dataset with a frozen weighting net (or plain ERM).
+
+Multi-GPU / multi-node runs go through torchrun, e.g. ``torchrun --nproc_per_node 8 -m cmw_transfer apply ...``;
+``--nproc N`` is the single-node shortcut that re-launches this same command under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import click
+
+from cmw_transfer.errors import UserError
+
+
+def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
+    """This command, rebuilt from the parsed options minus ``--nproc``, under ``python -m torch.distributed.run``."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name == "nproc":
+            continue
+        value = ctx.params.get(param.name)
+        if param.is_flag:
+            if value and param.opts:
+                args.append(param.opts[0])
+            elif not value and param.secondary_opts:
+                args.append(param.secondary_opts[0])
+        elif param.multiple:
+            for item in value or ():
+                args += [param.opts[0], str(item)]
+        elif value is not None:
+            args += [param.opts[0], str(value)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "cmw_transfer", "apply", *args]
+
+
+@click.command("apply")
+@click.option("--weights", "weights", metavar="SPEC", default=None,
+              help="Frozen weighting net: DIR, FILE.safetensors, hub:org/name[@rev] or pretrained:NAME "
+                   "(required with --weighting cmw).")
+@click.option("--dataset", required=True, metavar="SPEC", help="Target dataset: digits, cifar10, webvision-full, "
+                                                                 "list:PATH, folder:PATH, ... (see cmw-transfer data).")
+@click.option("--data-dir", "--data-root", "data_root", default=None, metavar="DIR", help="Dataset root folder.")
+@click.option("--noise", default=None, metavar="SPEC", help="Inject label noise, e.g. asym:0.4 or sym:0.4+asym:0.2.")
+@click.option("--imbalance", type=float, default=None, help="Long-tail imbalance factor to inject (e.g. 10).")
+@click.option("--out", required=True, metavar="DIR", help="Run directory (checkpoint, metrics, families, summary).")
+@click.option("--model", default="resnet18", show_default=True,
+              help="Backbone: any timm model name, or small_cnn / cifar_resnet32.")
+@click.option("--img-size", type=int, default=None, help="Resize to this input size with timm's transforms "
+                                                           "(default: file datasets 224, in-memory sets as stored).")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Per process (global = N x this).")
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--opt", default="sgd", show_default=True, help="timm optimizer name (sgd is Nesterov momentum).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--sched", default="cosine", show_default=True,
+              help="timm scheduler: cosine, step, multistep, tanh, poly, constant, wsd, rsqrt or none.")
+@click.option("--warmup-lr-epochs", type=int, default=0, show_default=True, help="Linear lr warm-up (timm).")
+@click.option("--warmup-epochs", type=int, default=0, show_default=True,
+              help="Plain cross-entropy for the first E epochs, then the weighted loss (as the paper).")
+@click.option("--weighting", type=click.Choice(["cmw", "none"]), default="cmw", show_default=True,
+              help="cmw: frozen net; none: the plain ERM baseline through the same pipeline.")
+@click.option("--normalization", type=click.Choice(["batch", "sum", "none"]), default="batch", show_default=True,
+              help="Per-sample coefficients: w/B (CMW-Net), w/sum(w), or w.")
+@click.option("--families", type=int, default=None, help="Expected number of class-size families (must equal the "
+                                                           "net's K; default: the net's K).")
+@click.option("--soft-labels", is_flag=True, help="CMW-Net-SL: EMA teacher, pseudo-labels and mixup (WebVision form).")
+@click.option("--mixup-alpha", type=float, default=1.0, show_default=True, help="Beta(a, a) of the SL mixup.")
+@click.option("--teacher-decay", type=float, default=0.997, show_default=True, help="EMA decay of the SL teacher.")
+@click.option("--amp", is_flag=True, help="Mixed precision (float16 + grad scaling on CUDA, bfloat16 on CPU).")
+@click.option("--workers", type=int, default=4, show_default=True, help="DataLoader workers per process.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--strict", is_flag=True, help="Fail on an unreadable image instead of skipping it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out that already holds a run.")
+@click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N epochs (and the last).")
+@click.option("--eval-dataset", default=None, metavar="SPEC",
+              help="Test set instead of the dataset's own test/val split (required for list:/folder: datasets).")
+@click.option("--extra-eval", multiple=True, metavar="NAME=SPEC",
+              help="Further evaluation set, e.g. ilsvrc12=list:/data/imagenet/val.txt (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (torchrun: LOCAL_RANK).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Launch N processes on this machine through torchrun (DDP: nccl on GPU, gloo on CPU).")
+@click.option("--progress/--no-progress", default=True, help="Progress bar with images/s (rank 0 only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
+@click.pass_context
+def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) -> None:
+    """Train --model on --dataset with the frozen net from --weights (or plain ERM with --weighting none).
+
+    Writes config.json, families.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch) and
+    summary.json into --out, all atomically.
+    """
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
+
+    from cmw_transfer.trainer.apply import ApplyConfig, run_apply
+
+    options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
+    summary = run_apply(ApplyConfig(**options))  # type: ignore[arg-type]
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+        return
+    final = summary["final"]
+    line = ", ".join(f"{k} {v:.2f}" for k, v in sorted(final.items()) if isinstance(v, float))
+    click.echo(f"done: {summary['out']}: {line}")

@@ -1,0 +1,67 @@
+"""``cmw-transfer metatrain``: learn a weighting net on a biased source, write the artifact."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import click
+
+from cmw_transfer.trainer.metatrain import METHODS, MetaTrainConfig, recipe_for
+
+# option name -> (type, help); defaults come from the source's recipe, then from MetaTrainConfig
+OPTIONS: dict[str, tuple[type, str]] = {
+    "data_dir": (str, "Root folder of the source dataset's files."),
+    "noise": (str, "Extra noise steps, e.g. sym:0.4+asym:0.2 or pmd1:0.35+asym:0.3."),
+    "imbalance": (float, "Long-tail imbalance factor IF (n_max / n_min)."),
+    "method": (click.Choice(METHODS), "cmwnet (K families), mwnet (K=1) or cmwnet-sl (soft labels)."),
+    "families": (int, "Number of class-size families K (heads)."),
+    "model": (str, "Classifier: a timm model name or a built-in (small_cnn, cifar_resnet32, cifar_resnet20)."),
+    "epochs": (int, "Training epochs."),
+    "batch_size": (int, "Training batch size."),
+    "lr": (float, "Classifier learning rate (SGD)."),
+    "momentum": (float, "Classifier SGD momentum."),
+    "weight_decay": (float, "Classifier weight decay."),
+    "sched": (str, "timm scheduler name (cosine, step, multistep, constant, ...)."),
+    "meta_lr": (float, "Weighting-net learning rate (Adam)."),
+    "meta_weight_decay": (float, "Weighting-net weight decay."),
+    "meta_interval": (int, "A meta step every k iterations."),
+    "meta_batch_size": (int, "Meta batch size."),
+    "meta_set": (str, "clean:N, lowest-loss:N or gmm."),
+    "meta_grad": (str, "exact, skip:N (SLMO: bottom N stages cut) or famus (learned layer gates)."),
+    "normalization": (click.Choice(["batch", "sum", "none"]), "Weight normalisation: w/B (default), w/sum(w), none."),
+    "actual_step": (click.Choice(["reuse", "updated"]), "Real step with the net before (reuse, one backward "
+                    "fewer) or after (updated, the paper's order) its meta update."),
+    "warmup_epochs": (int, "Plain cross-entropy epochs before meta-learning starts."),
+    "hidden_size": (int, "Hidden units of the weighting net."),
+    "ema_decay": (float, "EMA teacher decay (lowest-loss meta sets, soft labels)."),
+    "mixup_alpha": (float, "Mixup Beta(a, a) for cmwnet-sl (0 disables)."),
+    "seed": (int, "Random seed."),
+    "device": (str, "auto, cpu, cuda or cuda:N."),
+    "workers": (int, "DataLoader worker processes."),
+}
+
+
+def _apply_options(command):
+    for name, (kind, help_text) in reversed(OPTIONS.items()):
+        command = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, help=help_text)(command)
+    return command
+
+
+@click.command("metatrain")
+@click.option("--src", required=True, help="Biased source: digits-pmd, cifar10-pmd, or any dataset spec.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (artifact).")
+@_apply_options
+@click.option("--mirror-optimizer", is_flag=True, help="Virtual step with the real momentum and weight decay.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, quiet: bool, **options) -> None:
+    """Meta-train a CMW-Net / MW-Net / CMW-Net-SL weighting net; defaults follow the source's recipe."""
+    from cmw_transfer.trainer.metatrain import MetaTrainer
+
+    values = {f.name: f.default for f in fields(MetaTrainConfig) if f.name != "extra"}
+    values.update(recipe_for(src))
+    values.update({k: v for k, v in options.items() if v is not None})
+    values.update(src=src, out=out, mirror_optimizer=mirror_optimizer)
+    result = MetaTrainer(MetaTrainConfig(**values), resume=resume, progress=not quiet).run()
+    click.echo(json.dumps(result, sort_keys=True))

@@ -1,0 +1,306 @@
+"""Training plumbing shared by the meta-train and apply stages: device, seeds, loaders, optimizers, DDP.
+
+Everything here is chosen so that a run is a pure function of its configuration: shuffling and worker seeds are
+derived from ``(seed, epoch)`` rather than from a generator that advances through the run, so a run resumed at
+epoch ``e`` sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import timm.optim
+import timm.scheduler
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from cmw_transfer.errors import UserError
+
+SCHEDULERS = ("cosine", "step", "multistep", "tanh", "poly", "constant", "wsd", "rsqrt", "none")
+
+
+# -- device and seeds ---------------------------------------------------------------------------------------------
+def resolve_device(name: str | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when present, else CPU; a CUDA request on a machine without one is a user error."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): the part of reproducibility a seed can buy."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (seed, epoch, rank, ...), without Python's salted ``hash``."""
+    state = np.random.SeedSequence([int(p) % 2**32 for p in parts])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """torch seeds each worker from the loader's generator; NumPy and ``random`` follow from it."""
+    base = torch.initial_seed() % 2**32
+    np.random.seed(base)
+    random.seed(base)
+
+
+# -- loaders ------------------------------------------------------------------------------------------------------
+class EpochSampler(Sampler[int]):
+    """Single-process sampler whose order is a function of ``(seed, epoch)`` only; ``set_epoch`` like DDP's."""
+
+    def __init__(self, length: int, *, shuffle: bool, seed: int) -> None:
+        self.length, self.shuffle, self.seed, self.epoch = int(length), shuffle, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.length))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation shard ``rank::world`` without DistributedSampler's padding, so reduced metrics are exact."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, int(length), world_size))
+
+    def set_epoch(self, epoch: int) -> None:  # for a uniform interface
+        pass
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader whose ``set_epoch`` also re-seeds the worker seeds, so epoch ``e`` is reproducible alone."""
+
+    def __init__(self, *args: Any, base_seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.base_seed = int(base_seed)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(derive_seed(self.base_seed, epoch))
+
+
+def _default_collate() -> Callable[[list], Any] | None:
+    try:  # skips unreadable images (returns None for an all-bad batch); the loops tolerate a None batch
+        from cmw_transfer.dataset import skip_unreadable_collate
+    except ImportError:  # pragma: no cover - the dataset package is part of the distribution
+        return None
+    return skip_unreadable_collate
+
+
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    workers: int,
+    seed: int,
+    distributed: bool,
+    drop_last: bool | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+    pin_memory: bool | None = None,
+) -> EpochLoader:
+    """Train loaders shuffle deterministically from ``seed`` (DistributedSampler under DDP); eval loaders shard.
+
+    Call ``loader.set_epoch(epoch)`` before each epoch. ``drop_last`` defaults to ``train`` so that BatchNorm
+    never sees a batch of one; a training set smaller than one batch keeps its only, partial batch.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    n = len(ds)  # type: ignore[arg-type]
+    use_dist = distributed and dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if use_dist else (1, 0)
+    if drop_last is None:
+        drop_last = train and n // world >= batch_size
+    sampler: Sampler[int]
+    if train and use_dist:
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    elif train:
+        sampler = EpochSampler(n, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(n, rank, world)
+    generator = torch.Generator()
+    return EpochLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn if collate_fn is not None else _default_collate(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=False,
+        base_seed=derive_seed(seed, rank),
+    )
+
+
+# -- optimisation -------------------------------------------------------------------------------------------------
+def create_optimizer_and_scheduler(
+    model: nn.Module,
+    *,
+    opt: str = "sgd",
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    sched: str = "cosine",
+    epochs: int = 100,
+    warmup_lr_epochs: int = 0,
+    steps_per_epoch: int = 1,
+    min_lr: float = 0.0,
+    decay_milestones: Sequence[int] = (),
+    decay_rate: float = 0.1,
+) -> tuple[torch.optim.Optimizer, Any]:
+    """timm's optimizer and scheduler factories, with their ``ValueError``s turned into user errors.
+
+    The scheduler (``None`` for ``sched="none"``) steps per update: call ``scheduler.step_update(num_updates)``
+    after every optimizer step. ``warmup_lr_epochs`` is timm's linear lr warm-up, unrelated to the CE warm-up
+    epochs of the CMW-Net recipe.
+    """
+    if lr <= 0:
+        raise UserError(f"--lr must be > 0, got {lr}")
+    try:
+        optimizer = timm.optim.create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay,
+                                                   momentum=momentum)
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise UserError(f"--opt '{opt}': {exc}; see timm.optim.list_optimizers()") from None
+    if sched not in SCHEDULERS:
+        raise UserError(f"--sched '{sched}' is not supported; use one of {', '.join(SCHEDULERS)}")
+    milestones = list(decay_milestones) or [max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))]
+    try:
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=sched, num_epochs=epochs, warmup_epochs=warmup_lr_epochs, warmup_lr=lr * 0.01,
+            min_lr=min_lr, decay_milestones=milestones, decay_rate=decay_rate, step_on_epochs=False,
+            updates_per_epoch=max(1, steps_per_epoch),
+        )
+    except ValueError as exc:
+        raise UserError(f"--sched '{sched}': {exc}") from None
+    return optimizer, scheduler
+
+
+# -- distributed --------------------------------------------------------------------------------------------------
+class DistributedContext:
+    """One process of a torchrun job (or the only process): rank bookkeeping and the few collectives we need.
+
+    ``from_env`` reads torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; with ``WORLD_SIZE`` > 1 it joins
+    the process group (nccl on CUDA, gloo on CPU). Without them every collective is the identity, so the same
+    training code runs single-process.
+    """
+
+    def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 backend: str | None = None) -> None:
+        self.device, self.rank, self.world_size, self.local_rank = device, rank, world_size, local_rank
+        self.backend = backend
+
+    @classmethod
+    def from_env(cls, device: str | None = None, *, timeout_s: float = 1800.0) -> DistributedContext:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(resolve_device(device))
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        wanted = resolve_device(device)
+        if wanted.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
+                                "lower --nproc_per_node")
+            resolved, backend = torch.device("cuda", local_rank), "nccl"
+            torch.cuda.set_device(resolved)
+        else:
+            resolved, backend = wanted, "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(resolved, rank, world, local_rank, backend)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _reduce(self, value: torch.Tensor | float | Sequence[float], op: Any) -> torch.Tensor:
+        tensor = torch.as_tensor(value, dtype=torch.float64).clone()
+        if not self.enabled:
+            return tensor
+        # gloo reduces CPU tensors, nccl CUDA ones
+        on = tensor.to(self.device) if self.backend == "nccl" else tensor
+        dist.all_reduce(on, op=op)
+        return on.cpu()
+
+    def all_reduce_sum(self, value: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
+        """Sum over ranks (float64 on CPU): counts and totals."""
+        return self._reduce(value, dist.ReduceOp.SUM)
+
+    def all_reduce_mean(self, value: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
+        return self.all_reduce_sum(value) / self.world_size
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (a picklable value), e.g. to check that all ranks agree on the families."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def teardown(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> DistributedContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()

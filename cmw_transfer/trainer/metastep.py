@@ -1,0 +1,279 @@
+"""The bi-level meta-step as a function of (params, buffers, batch) built on ``torch.func.functional_call``.
+
+The virtual step is ``w_hat = w - lr * s * sum_{i,t} c_{i,t}(theta) grad l_{i,t}(w)`` (``s`` = 1 for SGD and for
+mirrored momentum/weight decay, 1 + momentum for Nesterov), so by the chain rule the meta-gradient is
+
+    dL_meta/dtheta = -lr * s * sum_{i,t} (g_meta . grad_w l_{i,t}) * dc_{i,t}/dtheta,   g_meta = dL_meta/dw_hat
+
+which this module computes *exactly* from first-order pieces: the meta loss is differentiated only to the virtual
+weights, and the per-term directional derivatives ``g_meta . grad l`` come from one reverse-over-reverse pass on
+the training graph, restricted to the virtually updated parameters. Nothing is deep-copied, and the training
+forward is shared with the real ("actual") step.
+
+Meta-gradient modes: ``exact`` (every parameter is virtually updated), ``skip:N`` (SLMO: the bottom N stages are
+not virtually updated, so neither the meta backward nor the second-order pass goes below them) and ``famus``
+(learned Gumbel gates pick which top-stage tensors carry the second-order path; see :class:`FamusGates`).
+BatchNorm running statistics are never touched by the virtual or meta passes (they run on cloned buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.func import functional_call
+
+from cmw_transfer.models import parameter_stages
+from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VirtualStep:
+    """How the virtual step mirrors the real optimizer: plain SGD by default (as the paper)."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    @property
+    def grad_scale(self) -> float:
+        return 1.0 + self.momentum if self.nesterov else 1.0
+
+    def apply(self, w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+        d = g + self.weight_decay * w if self.weight_decay else g
+        if self.momentum:
+            d_buf = d if buf is None else self.momentum * buf + d
+            d = d + self.momentum * d_buf if self.nesterov else d_buf
+        return w - self.lr * d
+
+
+def parse_meta_grad(spec: str) -> tuple[str, int]:
+    """``exact`` -> ("exact", 0); ``skip:N`` -> ("skip", N); ``famus`` -> ("famus", 0)."""
+    if spec in ("exact", "famus"):
+        return spec, 0
+    if spec.startswith("skip:") and spec[5:].isdigit():
+        return "skip", int(spec[5:])
+    raise ValueError(f"--meta-grad must be exact, skip:N or famus, got '{spec}'")
+
+
+def virtual_names(model: nn.Module, mode: str, skip: int = 0, famus_stages: int = 1) -> list[str]:
+    """Parameters that get a virtual update with a second-order path, bottom to top."""
+    stages = parameter_stages(model)
+    if mode == "exact":
+        keep = stages
+    elif mode == "skip":
+        if not 0 <= skip < len(stages):
+            raise ValueError(f"skip:{skip} leaves no stage to update; this model has {len(stages)} stages")
+        keep = stages[skip:]
+    else:  # famus: candidates are the top stage(s) below the classifier, plus the classifier
+        keep = stages[-(famus_stages + 1):]
+    return [name for stage in keep for name in stage]
+
+
+class FamusGates(nn.Module):
+    """FaMUS layer samplers: per candidate tensor, an MLP on its pooled virtual gradient -> hard Gumbel on/off.
+
+    The classifier (last stage) is always on. The count penalty ``(sum r - K)^2`` keeps about K tensors active.
+    """
+
+    def __init__(self, shapes: dict[str, torch.Size], always_on: list[str], hidden: int = 128,
+                 target_active: int = 4, tau: float = 5.0) -> None:
+        super().__init__()
+        self.names = [n for n in shapes if n not in always_on]
+        self.always_on = list(always_on)
+        self.samplers = nn.ModuleList(
+            nn.Sequential(nn.Linear(shapes[n][0], hidden), nn.PReLU(), nn.Linear(hidden, 2)) for n in self.names)
+        self.target_active = target_active
+        self.tau = tau
+
+    @staticmethod
+    def pooled(g: torch.Tensor) -> torch.Tensor:
+        """Average over every dim but the output one, standardised (the FaMUS sampler input)."""
+        v = g.reshape(g.shape[0], -1).mean(dim=1) if g.dim() > 1 else g
+        return (v - v.mean()) / (v.std() + 1e-8) if v.numel() > 1 else v
+
+    def forward(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        gates = {n: torch.ones((), device=grads[n].device) for n in self.always_on}
+        for name, sampler in zip(self.names, self.samplers):
+            logits = sampler(self.pooled(grads[name].detach()))
+            gates[name] = F.gumbel_softmax(logits, tau=self.tau, hard=True)[0]
+        return gates
+
+    def count_penalty(self, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        active = torch.stack([gates[n] for n in self.names]).sum() if self.names else torch.zeros(())
+        return (active - self.target_active) ** 2
+
+
+@dataclass
+class MetaResult:
+    """Gradients for the weighting net (and FaMUS samplers), plus what the actual step can reuse."""
+
+    wnet_grads: dict[str, torch.Tensor]
+    meta_loss: float
+    train_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # sum c(theta_t) grad l, every parameter
+    gate_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def _clone(buffers: Params) -> Params:
+    return {k: b.clone() for k, b in buffers.items()}
+
+
+def reverse_directional_derivatives(terms: torch.Tensor, params: list[torch.Tensor], tangents: list[torch.Tensor]
+                                    ) -> torch.Tensor:
+    """``d[i, t] = tangent . grad_params l[i, t]`` by reverse-over-reverse on the kept training graph.
+
+    Cheap when ``params`` are the top layers only (skip:N, FaMUS): both passes stop at the lowest of them.
+    """
+    u = torch.ones_like(terms, requires_grad=True)
+    grads = torch.autograd.grad((u * terms).sum(), params, create_graph=True, retain_graph=True,
+                                allow_unused=True)
+    dot = sum((g * t).sum() for g, t in zip(grads, tangents) if g is not None)
+    if not torch.is_tensor(dot) or not dot.requires_grad:
+        return torch.zeros_like(terms)
+    return torch.autograd.grad(dot, u, retain_graph=True)[0]
+
+
+def forward_directional_derivatives(model: nn.Module, params: Params, buffers: Params, batch: TrainBatch,
+                                    objective: WeightedCE | SoftLabelCE, names: list[str],
+                                    tangents: list[torch.Tensor]) -> torch.Tensor:
+    """The same quantity by forward-mode AD (``torch.func.jvp``): one dual forward, no second-order graph.
+
+    Used for ``exact``: it needs no retained training graph, so the meta-iteration's peak memory stays near the
+    larger of one training and one meta step.
+    """
+    frozen = {k: p.detach() for k, p in params.items() if k not in names}
+
+    def terms_of(virtual: Params) -> torch.Tensor:
+        logits = functional_call(model, ({**frozen, **virtual}, _clone(buffers)), (batch.x,))
+        return objective.terms(logits, batch)
+
+    primals = {n: params[n].detach() for n in names}
+    _, d = torch.func.jvp(terms_of, (primals,), (dict(zip(names, tangents)),))
+    return d
+
+
+def meta_gradient(
+    model: nn.Module,
+    wnet: nn.Module,
+    params: Params,
+    buffers: Params,
+    batch: TrainBatch,
+    meta_x: torch.Tensor,
+    meta_y: torch.Tensor,
+    objective: WeightedCE | SoftLabelCE,
+    step: VirtualStep,
+    names: list[str],
+    *,
+    momentum_buffers: Params | None = None,
+    gates: FamusGates | None = None,
+    wnet_params: Params | None = None,
+    train_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    derivatives: str = "auto",
+    keep_graph: bool = False,
+) -> MetaResult:
+    """Meta-gradient of the weighting net at ``params``; pure: ``params`` and ``buffers`` are not modified.
+
+    ``names`` are the virtually updated parameters (see :func:`virtual_names`). ``train_out`` lets a trainer pass
+    the (logits, terms) of a training forward it already ran; ``result.train_grads`` then holds that batch's
+    weighted gradient for every parameter, so an actual step at the current net needs no second backward.
+    ``derivatives``: ``forward`` (jvp), ``reverse`` (on the kept graph) or ``auto`` (forward when every parameter
+    is virtual, i.e. ``exact``; reverse for top-layer approximations). ``keep_graph`` leaves the training graph
+    alive for a caller that backpropagates it again (the paper's order: actual step after the net update).
+    """
+    wnet_params = wnet_params if wnet_params is not None else dict(wnet.named_parameters())
+    if train_out is None:
+        leaves = {k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()}
+        logits = functional_call(model, (leaves, _clone(buffers)), (batch.x,))
+        terms = objective.terms(logits, batch)
+    else:
+        leaves = params
+        logits, terms = train_out
+    if derivatives == "auto":
+        derivatives = "forward" if len(names) == len(leaves) else "reverse"
+    reverse = derivatives == "reverse"
+
+    def weight_fn(loss: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
+        return functional_call(wnet, wnet_params, (loss, family))
+
+    coeff = objective.coefficients(weight_fn, terms.detach(), batch)
+    grad_names = list(leaves) if train_out is not None else names
+    grads = torch.autograd.grad((coeff.detach() * terms).sum(), [leaves[n] for n in grad_names],
+                                retain_graph=reverse or keep_graph, allow_unused=True)
+    grad_all = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(grad_names, grads)}
+    grad_of = {n: grad_all[n] for n in names}
+
+    gate_values: dict[str, torch.Tensor] = {}
+    if gates is not None:
+        gate_values = gates(grad_of)
+    fast: Params = {}
+    for name, p in leaves.items():
+        if name in grad_of:
+            buf = (momentum_buffers or {}).get(name)
+            fast[name] = step.apply(p.detach(), grad_of[name], buf).requires_grad_(True)
+        else:
+            fast[name] = p.detach()
+    meta_logits = functional_call(model, (fast, _clone(buffers)), (meta_x,))
+    meta_loss = F.cross_entropy(meta_logits, meta_y)
+    g_meta = torch.autograd.grad(meta_loss, [fast[n] for n in names], allow_unused=True)
+    g_meta = [torch.zeros_like(fast[n]) if g is None else g for n, g in zip(names, g_meta)]
+
+    result = MetaResult(wnet_grads={}, meta_loss=float(meta_loss.detach()))
+    if train_out is not None:
+        result.train_grads = grad_all
+    tangents = g_meta
+    if gates is not None:
+        result.active = [n for n in names if float(gate_values[n].detach()) > 0.5]
+        tangents = [g if n in result.active else torch.zeros_like(g) for n, g in zip(names, g_meta)]
+        result.gate_grads = _gate_gradients(gates, gate_values, names, g_meta, grad_of, result.active, step)
+    if reverse:
+        d = reverse_directional_derivatives(terms, [leaves[n] for n in names], tangents)
+    else:
+        d = forward_directional_derivatives(model, leaves, buffers, batch, objective, names, tangents)
+    surrogate = -step.lr * step.grad_scale * (coeff * d.detach()).sum()
+    wgrads = torch.autograd.grad(surrogate, list(wnet_params.values()), allow_unused=True)
+    result.wnet_grads = {k: torch.zeros_like(p) if g is None else g
+                         for (k, p), g in zip(wnet_params.items(), wgrads)}
+    return result
+
+
+def _gate_gradients(gates: FamusGates, gate_values: dict[str, torch.Tensor], names: list[str],
+                    g_meta: list[torch.Tensor], grad_of: Params, active: list[str], step: VirtualStep
+                    ) -> dict[str, torch.Tensor]:
+    """FaMUS sampler gradients: dL_meta/dr_l through the straight-through update plus the count penalty.
+
+    A fired gate scales ``g_l`` in ``w_hat_l = w_l - lr * r_l * g_l`` (``dL/dr_l = -lr s g_meta_l . g_l``); an off
+    gate scales the detached ``(1 - r_l) g_l`` (the opposite sign), as in the FaMUS code.
+    """
+    if not gates.names:
+        return {}
+    surrogate = gates.count_penalty(gate_values) * 0.1
+    for name, gm in zip(names, g_meta):
+        if name in gates.names:
+            sign = 1.0 if name in active else -1.0
+            slope = (-step.lr * step.grad_scale * (gm * grad_of[name]).sum()).detach()
+            surrogate = surrogate + sign * slope * gate_values[name]
+    params = dict(gates.named_parameters())
+    grads = torch.autograd.grad(surrogate, list(params.values()), allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+def naive_meta_gradient(model: nn.Module, wnet: nn.Module, batch: TrainBatch, meta_x: torch.Tensor,
+                        meta_y: torch.Tensor, objective: WeightedCE | SoftLabelCE, lr: float
+                        ) -> dict[str, torch.Tensor]:
+    """Textbook reference (deep copy + create_graph), for tests only: slow, but obviously right."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    params = dict(clone.named_parameters())
+    buffers = _clone(dict(clone.named_buffers()))
+    logits = functional_call(clone, (params, buffers), (batch.x,))
+    terms = objective.terms(logits, batch)
+    coeff = objective.coefficients(lambda loss, fam: wnet(loss, fam), terms.detach(), batch)
+    grads = torch.autograd.grad((coeff * terms).sum(), list(params.values()), create_graph=True)
+    fast = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+    meta_loss = F.cross_entropy(functional_call(clone, (fast, _clone(buffers)), (meta_x,)), meta_y)
+    return dict(zip(dict(wnet.named_parameters()), torch.autograd.grad(meta_loss, list(wnet.parameters()))))

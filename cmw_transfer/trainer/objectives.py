@@ -1,0 +1,90 @@
+"""Weighted training objectives as ``J = sum_{i,t} c_{i,t}(theta) * l_{i,t}(w)``.
+
+Splitting an objective into per-sample loss *terms* ``l`` (functions of the classifier) and *coefficients* ``c``
+(functions of the weighting net on detached losses) is what lets the meta-step compute the exact meta-gradient
+from first-order pieces, and lets the apply stage reuse the very same loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from cmw_transfer.trainer.soft_labels import soft_cross_entropy
+from cmw_transfer.weighting import loss_coefficients
+
+WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (detached loss [B], family [B]) -> weight [B]
+
+
+@dataclass
+class TrainBatch:
+    """A training batch plus what the objective needs: families of the observed labels, optional SL state."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    family_of_class: torch.Tensor
+    pseudo: torch.Tensor | None = None  # [B, C] soft pseudo-labels (CMW-Net-SL)
+    lam: float = 1.0  # mixup coefficient; x is already mixed with x[perm]
+    perm: torch.Tensor | None = None
+
+    @property
+    def family(self) -> torch.Tensor:
+        return self.family_of_class[self.y]
+
+
+class WeightedCE:
+    """MW-Net / CMW-Net: ``sum_i norm(V(l_i))_i * CE_i``."""
+
+    def __init__(self, normalization: str = "batch") -> None:
+        self.normalization = normalization
+
+    def terms(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        return F.cross_entropy(logits, batch.y, reduction="none")[:, None]
+
+    def coefficients(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        weights = weight_fn(terms[:, 0].detach(), batch.family)
+        return loss_coefficients(weights, self.normalization)[:, None]
+
+    def weights(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        return weight_fn(terms[:, 0].detach(), batch.family)
+
+
+class SoftLabelCE:
+    """CMW-Net-SL: the weight mixes the given label with a pseudo-label, ``v*CE(y) + (1-v)*CE(p)``, under mixup.
+
+    With mixup partner ``b = perm``: ``lam*[v_a CE(y_a) + (1-v_a) CE(p_a)] + (1-lam)*[v_b CE(y_b) + (1-v_b) CE(p_b)]``
+    averaged over the batch, exactly the authors' inner and actual loss.
+    """
+
+    def terms(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        if batch.pseudo is None:
+            raise ValueError("SoftLabelCE needs batch.pseudo")
+        perm = batch.perm if batch.perm is not None else torch.arange(len(batch.y), device=batch.y.device)
+        return torch.stack([
+            F.cross_entropy(logits, batch.y, reduction="none"),
+            soft_cross_entropy(logits, batch.pseudo),
+            F.cross_entropy(logits, batch.y[perm], reduction="none"),
+            soft_cross_entropy(logits, batch.pseudo[perm]),
+        ], dim=1)
+
+    def weights(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        perm = batch.perm if batch.perm is not None else torch.arange(len(batch.y), device=batch.y.device)
+        fam = batch.family
+        return torch.stack([weight_fn(terms[:, 0].detach(), fam), weight_fn(terms[:, 2].detach(), fam[perm])], 1)
+
+    def coefficients(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        v = self.weights(weight_fn, terms, batch)
+        lam = batch.lam
+        coeff = torch.stack([lam * v[:, 0], lam * (1 - v[:, 0]), (1 - lam) * v[:, 1], (1 - lam) * (1 - v[:, 1])], 1)
+        return coeff / terms.shape[0]
+
+
+def create_objective(method: str, normalization: str = "batch") -> WeightedCE | SoftLabelCE:
+    if method in ("cmwnet", "mwnet"):
+        return WeightedCE(normalization)
+    if method == "cmwnet-sl":
+        return SoftLabelCE()
+    raise ValueError(f"unknown method '{method}'")

@@ -1,0 +1,231 @@
+"""Meta-iteration cost vs a plain ERM step, side by side in one run (median of repeats), plus gradient fidelity.
+
+For each model: the time of an ERM step (forward, backward, SGD step) and of a full meta-iteration (shared
+forward, meta-gradient, weighting-net step, actual step) for ``exact``, ``skip:N`` and ``famus``; the amortised
+iteration cost at ``--meta-interval`` k; the cosine of each approximate meta-gradient to the exact one at the same
+state; and the peak memory of a step relative to ERM (CUDA: max_memory_allocated; CPU: peak RSS growth measured
+in a fresh subprocess per mode).
+
+    python scripts/bench_metastep.py                      # cifar_resnet32 and timm resnet18 at 32x32, CPU
+    python scripts/bench_metastep.py --device cuda --batch-size 128 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cmw_transfer.artifact.net import CMWNet
+from cmw_transfer.models import create_model, parameter_stages
+from cmw_transfer.trainer.metastep import FamusGates, VirtualStep, meta_gradient, virtual_names
+from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
+
+
+def build(model_name: str, batch_size: int, device: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model(model_name, 10, 3).to(device).train()
+    wnet = CMWNet(num_heads=3).to(device)
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    fam = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2], device=device)
+    xm = torch.randn(100, 3, 32, 32, device=device)
+    ym = torch.randint(0, 10, (100,), device=device)
+    return model, wnet, TrainBatch(x, y, fam), xm, ym
+
+
+def modes_for(model) -> dict[str, list[str]]:
+    skip = len(parameter_stages(model)) - 2  # keep the last stage and the classifier
+    exact = virtual_names(model, "exact")
+    return {"exact": exact, "exact-updated": exact, f"skip:{skip}": virtual_names(model, "skip", skip),
+            "famus": virtual_names(model, "famus")}
+
+
+def make_step(mode: str, names: list[str] | None, model, wnet, batch, xm, ym):
+    updated = mode.endswith("-updated")
+    mode = mode.removesuffix("-updated")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    wopt = torch.optim.Adam(wnet.parameters(), lr=1e-3)
+    objective = WeightedCE()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    gates = None
+    if mode == "famus":
+        head = names[-2:]
+        gates = FamusGates({n: params[n].shape for n in names}, always_on=head).to(batch.x.device)
+
+    def erm() -> None:
+        loss = F.cross_entropy(model(batch.x), batch.y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def meta() -> None:
+        logits = model(batch.x)
+        terms = objective.terms(logits, batch)
+        res = meta_gradient(model, wnet, params, buffers, batch, xm, ym, objective, VirtualStep(0.1), names,
+                            gates=gates, train_out=(logits, terms), keep_graph=updated)
+        for n, p in wnet.named_parameters():
+            p.grad = res.wnet_grads[n]
+        wopt.step()
+        opt.zero_grad(set_to_none=True)
+        if updated:  # the paper's order: re-weight with the updated net, backpropagate the kept graph again
+            with torch.no_grad():
+                coeff = objective.coefficients(wnet, terms.detach(), batch)
+            (coeff * terms).sum().backward()
+        else:  # reuse the gradient the meta step computed at the net it started from
+            for n, p in params.items():
+                p.grad = res.train_grads[n]
+        opt.step()
+
+    return erm if mode == "erm" else meta
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_modes(model_name: str, args) -> dict[str, list[float]]:
+    """Interleaved timing: every repeat runs each mode once, so drifts hit all modes alike."""
+    state = build(model_name, args.batch_size, args.device)
+    model = state[0]
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {"erm": None, **modes_for(model)}
+    steps = {m: make_step(m.split(":")[0], n, *state) for m, n in names.items()}
+    for fn in steps.values():  # warm-up
+        for _ in range(args.warmup):
+            fn()
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for _ in range(args.repeats):
+        for mode, fn in steps.items():
+            model.load_state_dict(init)
+            sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(args.device)
+            times[mode].append(time.perf_counter() - t0)
+    return times
+
+
+def cosines(model_name: str, args) -> dict[str, float]:
+    model, wnet, batch, xm, ym = build(model_name, args.batch_size, args.device, seed=1)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    out, exact = {}, None
+    for mode, names in modes_for(model).items():
+        gates = None
+        if mode == "famus":
+            gates = FamusGates({n: params[n].shape for n in names}, always_on=names[-2:]).to(args.device)
+        vals = []
+        for rep in range(args.cos_repeats):
+            torch.manual_seed(rep)
+            res = meta_gradient(model, wnet, params, buffers, batch, xm, ym, WeightedCE(), VirtualStep(0.1), names,
+                                gates=gates)
+            vals.append(torch.cat([g.flatten() for g in res.wnet_grads.values()]))
+        if mode.startswith("exact"):
+            exact = vals[0] if exact is None else exact
+            continue
+        out[mode] = statistics.median(float(F.cosine_similarity(exact, v, 0)) for v in vals)
+    return out
+
+
+def peak_memory(model_name: str, mode: str, args) -> float:
+    """Bytes a step needs above the steady state, measured in this (fresh) process."""
+    state = build(model_name, args.batch_size, args.device)
+    names = {"erm": None, **modes_for(state[0])}
+    fn = make_step(mode.split(":")[0], names[mode], *state)
+    if args.device.startswith("cuda"):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    # CPU: large blocks are mmapped (MALLOC_MMAP_THRESHOLD_ set by the parent), so RSS follows live memory;
+    # clear_refs resets the kernel's high-water mark (VmHWM) right before the measured step.
+    fn()
+    gc.collect()
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    return float((_status_kib("VmHWM") - base) * 1024)
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def memory_ratios(model_name: str, modes: list[str], args) -> dict[str, float]:
+    peaks = {}
+    for mode in ["erm", *modes]:
+        if args.device.startswith("cuda"):
+            peaks[mode] = peak_memory(model_name, mode, args)
+            continue
+        cmd = [sys.executable, __file__, "--memory-probe", f"{model_name},{mode}", "--batch-size",
+               str(args.batch_size), "--device", args.device, "--threads", str(args.threads)]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        peaks[mode] = float(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip())
+    return {m: peaks[m] / peaks["erm"] for m in modes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="cifar_resnet32,resnet18")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cos-repeats", type=int, default=3)
+    parser.add_argument("--meta-interval", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        model_name, mode = args.memory_probe.split(",")
+        print(peak_memory(model_name, mode, args))
+        return
+    results = {}
+    print(f"device={args.device} threads={args.threads} batch={args.batch_size} repeats={args.repeats} "
+          f"torch={torch.__version__}")
+    print(f"| model | mode | step ms (median) | x ERM step | x ERM amortised (k={args.meta_interval}) | cos vs exact "
+          "| peak mem x ERM |")
+    print("|---|---|---|---|---|---|---|")
+    for model_name in args.models.split(","):
+        times = time_modes(model_name, args)
+        med = {m: statistics.median(v) for m, v in times.items()}
+        cos = cosines(model_name, args)
+        mem = memory_ratios(model_name, [m for m in med if m != "erm"], args)
+        k = args.meta_interval
+        rows = {}
+        for mode, t in med.items():
+            ratio = t / med["erm"]
+            amortised = (t + (k - 1) * med["erm"]) / (k * med["erm"])
+            rows[mode] = {"ms": 1000 * t, "ratio": ratio, "amortised": amortised, "cos": cos.get(mode),
+                          "mem": mem.get(mode)}
+            cos_txt = "1 (reference)" if mode.startswith("exact") else ("-" if mode == "erm" else f"{cos[mode]:.3f}")
+            mem_txt = "1" if mode == "erm" else f"{mem[mode]:.2f}"
+            print(f"| {model_name} | {mode} | {1000 * t:.1f} | {ratio:.2f} | {amortised:.2f} | {cos_txt} | "
+                  f"{mem_txt} |")
+        results[model_name] = rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
