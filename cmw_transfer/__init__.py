@@ -17,6 +17,7 @@ from cmw_transfer.artifact import (
 from cmw_transfer.errors import UserError
 
 __all__ = [
+    "CMWLoss",
     "CMWNet",
     "DegenerateScalesWarning",
     "UserError",

@@ -33,15 +33,15 @@ from cmw_transfer.trainer.metastep import FamusGates, VirtualStep, meta_gradient
 from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
 
 
-def build(model_name: str, batch_size: int, device: str, seed: int = 0):
+def build(model_name: str, batch_size: int, device: str, seed: int = 0, meta_batch_size: int = 100):
     torch.manual_seed(seed)
     model = create_model(model_name, 10, 3).to(device).train()
     wnet = CMWNet(num_heads=3).to(device)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     fam = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2], device=device)
-    xm = torch.randn(100, 3, 32, 32, device=device)
-    ym = torch.randint(0, 10, (100,), device=device)
+    xm = torch.randn(meta_batch_size, 3, 32, 32, device=device)
+    ym = torch.randint(0, 10, (meta_batch_size,), device=device)
     return model, wnet, TrainBatch(x, y, fam), xm, ym
 
 
@@ -98,7 +98,7 @@ def sync(device: str) -> None:
 
 def time_modes(model_name: str, args) -> dict[str, list[float]]:
     """Interleaved timing: every repeat runs each mode once, so drifts hit all modes alike."""
-    state = build(model_name, args.batch_size, args.device)
+    state = build(model_name, args.batch_size, args.device, meta_batch_size=args.meta_batch_size)
     model = state[0]
     init = {k: v.clone() for k, v in model.state_dict().items()}
     names = {"erm": None, **modes_for(model)}
@@ -119,7 +119,8 @@ def time_modes(model_name: str, args) -> dict[str, list[float]]:
 
 
 def cosines(model_name: str, args) -> dict[str, float]:
-    model, wnet, batch, xm, ym = build(model_name, args.batch_size, args.device, seed=1)
+    model, wnet, batch, xm, ym = build(model_name, args.batch_size, args.device, seed=1,
+                                       meta_batch_size=args.meta_batch_size)
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     out, exact = {}, None
     for mode, names in modes_for(model).items():
@@ -139,9 +140,13 @@ def cosines(model_name: str, args) -> dict[str, float]:
     return out
 
 
-def peak_memory(model_name: str, mode: str, args) -> float:
-    """Bytes a step needs above the steady state, measured in this (fresh) process."""
-    state = build(model_name, args.batch_size, args.device)
+def peak_memory(model_name: str, mode: str, args) -> tuple[float, float]:
+    """(bytes a step needs above the steady state, bytes of the steady training state), in this fresh process.
+
+    The steady state is what any training run holds between steps: weights, buffers, momentum (and on CUDA
+    whatever else is allocated). Peak memory of a step = state + working set.
+    """
+    state = build(model_name, args.batch_size, args.device, meta_batch_size=args.meta_batch_size)
     names = {"erm": None, **modes_for(state[0])}
     fn = make_step(mode.split(":")[0], names[mode], *state)
     if args.device.startswith("cuda"):
@@ -151,7 +156,10 @@ def peak_memory(model_name: str, mode: str, args) -> float:
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - base)
+        return float(torch.cuda.max_memory_allocated() - base), float(base)
+    model = state[0]
+    steady = sum(2 * p.numel() * p.element_size() for p in model.parameters())  # weights + momentum
+    steady += sum(b.numel() * b.element_size() for b in model.buffers())
     # CPU: large blocks are mmapped (MALLOC_MMAP_THRESHOLD_ set by the parent), so RSS follows live memory;
     # clear_refs resets the kernel's high-water mark (VmHWM) right before the measured step.
     fn()
@@ -159,7 +167,7 @@ def peak_memory(model_name: str, mode: str, args) -> float:
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     fn()
-    return float((_status_kib("VmHWM") - base) * 1024)
+    return float((_status_kib("VmHWM") - base) * 1024), float(steady)
 
 
 def _status_kib(key: str) -> int:
@@ -169,23 +177,28 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def memory_ratios(model_name: str, modes: list[str], args) -> dict[str, float]:
+def memory_ratios(model_name: str, modes: list[str], args) -> dict[str, tuple[float, float]]:
+    """Per mode: (peak incl. the steady state, working set alone), each relative to the ERM step."""
     peaks = {}
     for mode in ["erm", *modes]:
         if args.device.startswith("cuda"):
             peaks[mode] = peak_memory(model_name, mode, args)
             continue
         cmd = [sys.executable, __file__, "--memory-probe", f"{model_name},{mode}", "--batch-size",
-               str(args.batch_size), "--device", args.device, "--threads", str(args.threads)]
+               str(args.batch_size), "--meta-batch-size", str(args.meta_batch_size), "--device", args.device,
+               "--threads", str(args.threads)]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        peaks[mode] = float(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip())
-    return {m: peaks[m] / peaks["erm"] for m in modes}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
+        peaks[mode] = (float(out[0]), float(out[1]))
+    work_erm, state = peaks["erm"]
+    return {m: ((state + peaks[m][0]) / (state + work_erm), peaks[m][0] / work_erm) for m in modes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="cifar_resnet32,resnet18")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--meta-batch-size", type=int, default=100, help="100 = the paper's CIFAR-10 meta set")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cos-repeats", type=int, default=3)
@@ -198,13 +211,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         model_name, mode = args.memory_probe.split(",")
-        print(peak_memory(model_name, mode, args))
+        print(*peak_memory(model_name, mode, args))
         return
     results = {}
-    print(f"device={args.device} threads={args.threads} batch={args.batch_size} repeats={args.repeats} "
+    print(f"device={args.device} threads={args.threads} batch={args.batch_size} meta_batch={args.meta_batch_size} "
+          f"repeats={args.repeats} "
           f"torch={torch.__version__}")
     print(f"| model | mode | step ms (median) | x ERM step | x ERM amortised (k={args.meta_interval}) | cos vs exact "
-          "| peak mem x ERM |")
+          "| peak mem x ERM (working set x ERM) |")
     print("|---|---|---|---|---|---|---|")
     for model_name in args.models.split(","):
         times = time_modes(model_name, args)
@@ -219,7 +233,7 @@ def main() -> None:
             rows[mode] = {"ms": 1000 * t, "ratio": ratio, "amortised": amortised, "cos": cos.get(mode),
                           "mem": mem.get(mode)}
             cos_txt = "1 (reference)" if mode.startswith("exact") else ("-" if mode == "erm" else f"{cos[mode]:.3f}")
-            mem_txt = "1" if mode == "erm" else f"{mem[mode]:.2f}"
+            mem_txt = "1 (1)" if mode == "erm" else f"{mem[mode][0]:.2f} ({mem[mode][1]:.2f})"
             print(f"| {model_name} | {mode} | {1000 * t:.1f} | {ratio:.2f} | {amortised:.2f} | {cos_txt} | "
                   f"{mem_txt} |")
         results[model_name] = rows

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from cmw_transfer.atomic import atomic_path
 from cmw_transfer.errors import UserError
@@ -45,7 +45,17 @@ def save_net(net: CMWNet, path: Path) -> None:
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in net.state_dict().items()}
     metadata = {"format": "pt", VERSION_KEY: str(FORMAT_VERSION), CONFIG_KEY: json.dumps(config, sort_keys=True)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(canonical_header(save(tensors, metadata=metadata)))
+
+
+def canonical_header(blob: bytes) -> bytes:
+    """Re-serialise the JSON header with sorted keys: safetensors writes metadata in hash-map order, and the same
+    net must give the same bytes (shipped nets are regenerated bit-exactly)."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
 
 
 def _fix_hint(path: Path) -> str:

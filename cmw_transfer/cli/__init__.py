@@ -60,6 +60,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _warning_line
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)  # torch.func internals
     try:
         rc = cli.main(args=argv, prog_name="cmw-transfer", standalone_mode=False)
     except UserError as exc:
