@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Make ./.venv ready: a virtualenv cached outside the clone, keyed on the dependency list, reused across clones.
+# Make ./.venv ready: a virtualenv cached outside the clone, keyed on the dependency list (and the Python),
+# reused across clones.
 # The first run installs torch/torchvision/timm/... (a few minutes); later runs only re-point the editable install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-key=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -c1-16)
+deps=$("$PY" - <<'PYEOF'
+import tomllib
+with open("pyproject.toml", "rb") as fh:
+    project = tomllib.load(fh)["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+PYEOF
+)
+key=$({ echo "$deps"; cat .ci/constraints.txt; "$PY" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
 cache="${CMW_TRANSFER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cmw-transfer}"
 venv="$cache/venv-$key"
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
@@ -13,14 +21,6 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   mkdir -p "$cache"
   "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  deps=$("$venv/bin/python" - <<'PYEOF'
-import tomllib
-with open("pyproject.toml", "rb") as fh:
-    project = tomllib.load(fh)["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
-PYEOF
-)
-  # shellcheck disable=SC2086
   echo "$deps" | "$venv/bin/python" -m pip install -q -c .ci/constraints.txt -r /dev/stdin
   touch "$venv/.complete"
 fi

@@ -22,8 +22,8 @@ echo "== 2. inspect"
 echo "== 3./4. apply to digits (asym:0.4, imbalance 3): frozen CMW-Net vs plain ERM"
 target=(--dataset digits --noise asym:0.4 --imbalance 3 --model test_resnet --epochs 30 --warmup-epochs 5
         --batch-size 64 --lr 0.05 --workers 0 --seed 0 --no-progress --json --overwrite)
-"$CMW" apply --weights "$OUT/net" "${target[@]}" --out "$OUT/apply-cmw" >"$OUT/apply-cmw.json"
-"$CMW" apply --weighting none "${target[@]}" --out "$OUT/apply-erm" >"$OUT/apply-erm.json"
+"$CMW" apply --weights "$OUT/net" "${target[@]}" --out "$OUT/apply-cmw" >"$OUT/apply-cmw.json" 2>"$OUT/apply-cmw.log"
+"$CMW" apply --weighting none "${target[@]}" --out "$OUT/apply-erm" >"$OUT/apply-erm.json" 2>"$OUT/apply-erm.log"
 
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
