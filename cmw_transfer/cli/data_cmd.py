@@ -7,7 +7,6 @@ is known, reports the realised noise rate of the injected bias.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from cmw_transfer.artifact.curves import family_names
 from cmw_transfer.artifact.scales import fit_families
+from cmw_transfer.cli.options import emit
 from cmw_transfer.errors import UserError
 
 if TYPE_CHECKING:
@@ -154,10 +154,4 @@ def data_cmd(spec: str, data_dir: Path | None, split: str, noise: str | None, im
     info = describe_dataset(ds, spec, k)
     if plot_path is not None:
         plot_class_sizes(info, plot_path)
-        info["plot"] = str(plot_path)
-    if as_json:
-        click.echo(json.dumps(info, sort_keys=True))
-    else:
-        _print_text(info)
-        if plot_path is not None:
-            click.echo(f"plot:        {plot_path}")
+    emit(info, as_json, _print_text, plot_path)

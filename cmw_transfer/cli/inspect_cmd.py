@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from cmw_transfer.artifact.curves import TABLE_LOSSES, curves_table, family_names, plot_curves
 from cmw_transfer.artifact.net import CMWNet
-from cmw_transfer.cli.options import weights_option
+from cmw_transfer.cli.options import emit, weights_option
 
 
 def describe(net: CMWNet, spec: str) -> dict:
@@ -52,10 +51,4 @@ def inspect_cmd(weights_spec: str, plot_path: Path | None, as_json: bool) -> Non
     info = describe(net, weights_spec)
     if plot_path is not None:
         plot_curves(net, plot_path)
-        info["plot"] = str(plot_path)
-    if as_json:
-        click.echo(json.dumps(info, sort_keys=True))
-    else:
-        _print_text(info)
-        if plot_path is not None:
-            click.echo(f"plot:           {plot_path}")
+    emit(info, as_json, _print_text, plot_path)

@@ -29,7 +29,26 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class PooledClassifier(nn.Module):
+    """timm's head interface for the built-ins: ``forward_features`` -> global average pool -> ``fc``."""
+
+    fc: nn.Linear
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
+class CifarResNet(PooledClassifier):
     """He et al. (2016) CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16/32/64 channels."""
 
     def __init__(self, depth: int = 32, num_classes: int = 10, in_chans: int = 3) -> None:
@@ -55,21 +74,11 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return {"stem": r"^conv1|bn1", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
-
-class SmallCNN(nn.Module):
+class SmallCNN(PooledClassifier):
     """Two conv blocks and a linear head: fast enough to meta-train on 8x8 digits in seconds on a CPU."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32) -> None:
@@ -84,15 +93,5 @@ class SmallCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return {"stem": r"^conv1|bn1", "blocks": r"^layer(\d+)"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
