@@ -43,3 +43,15 @@ def test_loss_is_weighted_mean():
     cb = ClassBalancedWeighting([5, 50, 500], beta=0.9)
     ce = F.cross_entropy(logits, y, reduction="none")
     torch.testing.assert_close(cb(logits, y), (cb.class_weight[y] * ce).mean())
+
+
+def test_apply_runs_the_fixed_baselines(tmp_path):
+    from cmw_transfer.trainer.apply import ApplyConfig, run_apply
+
+    torch.set_num_threads(1)
+    for weighting in ("focal", "class-balanced"):
+        cfg = ApplyConfig(dataset="digits", imbalance=5.0, out=str(tmp_path / weighting), weighting=weighting,
+                          model="small_cnn", epochs=2, batch_size=64, lr=0.05, workers=0, device="cpu",
+                          progress=False)
+        summary = run_apply(cfg)
+        assert summary["weighting"] == weighting and summary["final"]["test_top1"] > 20.0

@@ -24,6 +24,8 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
             continue
         value = ctx.params.get(param.name)
         if param.is_flag:
+            if value is None:  # a tri-state flag left at "auto"
+                continue
             if value and param.opts:
                 args.append(param.opts[0])
             elif not value and param.secondary_opts:
@@ -62,8 +64,12 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
 @click.option("--warmup-lr-epochs", type=int, default=0, show_default=True, help="Linear lr warm-up (timm).")
 @click.option("--warmup-epochs", type=int, default=0, show_default=True,
               help="Plain cross-entropy for the first E epochs, then the weighted loss (as the paper).")
-@click.option("--weighting", type=click.Choice(["cmw", "none"]), default="cmw", show_default=True,
-              help="cmw: frozen net; none: the plain ERM baseline through the same pipeline.")
+@click.option("--weighting", type=click.Choice(["cmw", "none", "focal", "class-balanced"]), default="cmw",
+              show_default=True, help="cmw: frozen net; none: the plain ERM baseline through the same pipeline; "
+                                      "focal / class-balanced: fixed-weighting baselines.")
+@click.option("--focal-gamma", type=float, default=2.0, show_default=True, help="--weighting focal: (1-p_t)^gamma.")
+@click.option("--cb-beta", type=float, default=0.999, show_default=True,
+              help="--weighting class-balanced: effective-number beta.")
 @click.option("--normalization", type=click.Choice(["batch", "sum", "none"]), default="batch", show_default=True,
               help="Per-sample coefficients: w/B (CMW-Net), w/sum(w), or w.")
 @click.option("--families", type=int, default=None, help="Expected number of class-size families (must equal the "
@@ -86,10 +92,46 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Launch N processes on this machine through torchrun (DDP: nccl on GPU, gloo on CPU).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar with images/s (rank 0 only).")
+@click.option("--trainer", type=click.Choice(["erm", "oltr"]), default="erm", show_default=True,
+              help="erm: one classifier (the apply stage); oltr: two-stage OLTR (docs/oltr.md).")
+@click.option("--oltr-stage1-epochs", type=int, default=None,
+              help="OLTR stage 1 (backbone + linear classifier) epochs.  [default: --epochs]")
+@click.option("--oltr-stage2-epochs", type=int, default=None,
+              help="OLTR stage 2 (meta-embedding) epochs.  [default: --epochs]")
+@click.option("--oltr-backbone-lr-mult", type=float, default=0.1, show_default=True,
+              help="Stage-2 backbone lr = --lr x this (the head trains at --lr).")
+@click.option("--oltr-sampler", type=click.Choice(["class-aware", "uniform"]), default="class-aware",
+              show_default=True, help="Stage-2 batches: class-aware (official OLTR) or uniform over samples.")
+@click.option("--samples-per-class", type=int, default=4, show_default=True,
+              help="Class-aware sampling: consecutive samples drawn from one class.")
+@click.option("--dcl-weight", type=float, default=0.01, show_default=True,
+              help="Weight of the discriminative centroid loss in stage 2.")
+@click.option("--dcl-margin", type=float, default=10.0, show_default=True,
+              help="Centroid loss push margin (mean squared distance to the other centroids).")
+@click.option("--dcl-push-weight", type=float, default=0.01, show_default=True,
+              help="Weight of the push term inside the centroid loss.")
+@click.option("--cosine-scale", type=float, default=16.0, show_default=True, help="Cosine-norm classifier scale.")
+@click.option("--reachability-scale", type=float, default=10.0, show_default=True,
+              help="Reachability = this / distance to the nearest class centroid.")
+@click.option("--modulated-attention/--no-modulated-attention", default=None,
+              help="Stage-2 modulated attention on the feature map.  [default: on for CNN feature maps]")
+@click.option("--recompute-centroids", is_flag=True, help="Recompute the OLTR memory at every stage-2 epoch.")
+@click.option("--open-dataset", default=None, metavar="SPEC",
+              help="Open-set samples (every one unknown); imagenet-lt reads ImageNet_LT_open.txt, which is also "
+                   "used by default when present.")
+@click.option("--open-classes", default=None, metavar="LIST",
+              help="Hold these classes out of training (e.g. 9 or 7,8,9); their test samples are the open set.")
+@click.option("--open-threshold", type=float, default=None,
+              help="Reject as unknown below this reachability.  [default: accept --open-accept of known test]")
+@click.option("--open-accept", type=float, default=0.95, show_default=True,
+              help="Without --open-threshold: the fraction of known test samples the threshold accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.pass_context
 def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) -> None:
     """Train --model on --dataset with the frozen net from --weights (or plain ERM with --weighting none).
+
+    --trainer oltr trains OLTR (two stages) with the same weighting; --open-classes / --open-dataset add the
+    open-set evaluation (reachability rejection, F-measure) to either trainer.
 
     Writes config.json, families.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch) and
     summary.json into --out, all atomically.
@@ -100,8 +142,10 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
         raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
 
     from cmw_transfer.trainer.apply import ApplyConfig, run_apply
+    from cmw_transfer.trainer.oltr import parse_open_classes
 
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
+    options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
     summary = run_apply(ApplyConfig(**options))  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -6,6 +6,10 @@ the same code as the artifact), then train with ``w = V(CE.detach(), family[y])`
 ``warmup_epochs`` are plain CE, as in the paper. ``soft_labels`` switches to the CMW-Net-SL form (mixup, EMA
 teacher, pseudo-labels) of the authors' WebVision transfer.
 
+``trainer="oltr"`` swaps the model and the step for OLTR's two stages (:mod:`cmw_transfer.trainer.oltr`) and keeps
+everything else here: data, families, DDP, checkpoints, metrics; ``open_classes`` / ``open_dataset`` add the
+open-set evaluation to either trainer.
+
 The cost over plain ERM is one tiny-net forward on detached losses per step: no extra model forward (outside
 SL mode, whose teacher forward is the method), no per-sample Python loop, no host synchronisation.
 
@@ -39,6 +43,7 @@ from tqdm import tqdm
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.artifact.scales import DegenerateScalesWarning, fit_families
 from cmw_transfer.atomic import write_json
+from cmw_transfer.baselines import ClassBalancedWeighting, FocalWeighting
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.accuracy import FEW_SHOT, MANY_SHOT, topk_correct
 from cmw_transfer.metrics.log import METRICS_NAME, MetricsLog
@@ -71,10 +76,17 @@ CONFIG_NAME = "config.json"
 FAMILIES_NAME = "families.json"
 SUMMARY_NAME = "summary.json"
 KILL_ENV = "CMW_TRANSFER_TEST_SIGKILL_AT"  # "EPOCH:STEP" (1-based epoch, 0-based step): crash test hook
-WEIGHTINGS = ("cmw", "none")
+WEIGHTINGS = ("cmw", "none", "focal", "class-balanced")  # the last two: fixed baselines (cmw_transfer.baselines)
+TRAINERS = ("erm", "oltr")
+OLTR_SAMPLERS = ("class-aware", "uniform")
+# options only --trainer oltr reads: they enter the fingerprint of OLTR runs only, so ERM runs keep theirs
+OLTR_FIELDS = ("oltr_stage1_epochs", "oltr_stage2_epochs", "oltr_backbone_lr_mult", "oltr_sampler",
+               "samples_per_class", "dcl_weight", "dcl_margin", "dcl_push_weight", "cosine_scale",
+               "reachability_scale", "modulated_attention", "recompute_centroids")
 WEBVISION = ("webvision-full", "mini-webvision")  # evaluated on WebVision val; ILSVRC12 val via extra_eval
 # settings that do not change what is computed: a resume may change them
-RESUME_FREE = ("out", "resume", "workers", "eval_every", "extra_eval", "device", "overwrite", "progress")
+RESUME_FREE = ("out", "resume", "workers", "eval_every", "extra_eval", "device", "overwrite", "progress",
+               "open_dataset", "open_threshold", "open_accept")
 RANGE_TOLERANCE = 0.01  # warn when more than 1% of the target's losses fall outside the artifact's range
 
 
@@ -100,6 +112,8 @@ class ApplyConfig:
     warmup_lr_epochs: int = 0
     warmup_epochs: int = 0
     weighting: str = "cmw"
+    focal_gamma: float = 2.0
+    cb_beta: float = 0.999
     normalization: str = "batch"
     families: int | None = None
     soft_labels: bool = False
@@ -116,12 +130,47 @@ class ApplyConfig:
     extra_eval: tuple[str, ...] = ()
     device: str = "auto"
     progress: bool = True
+    # --trainer oltr (docs/oltr.md); defaults are the official OLTR configuration's
+    trainer: str = "erm"
+    oltr_stage1_epochs: int | None = None  # None: --epochs
+    oltr_stage2_epochs: int | None = None  # None: --epochs
+    oltr_backbone_lr_mult: float = 0.1
+    oltr_sampler: str = "class-aware"
+    samples_per_class: int = 4
+    dcl_weight: float = 0.01
+    dcl_margin: float = 10.0
+    dcl_push_weight: float = 0.01
+    cosine_scale: float = 16.0
+    reachability_scale: float = 10.0
+    modulated_attention: bool | None = None  # None: on for CNN (channel-first 4-D) feature maps
+    recompute_centroids: bool = False
+    # open-set evaluation (both trainers)
+    open_dataset: str | None = None
+    open_classes: tuple[int, ...] = ()
+    open_threshold: float | None = None  # None: the reachability accepting --open-accept of the known test set
+    open_accept: float = 0.95
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        return config_fingerprint(self.to_dict(), ignore=RESUME_FREE)
+        config = self.to_dict()
+        if self.trainer == "erm":  # an ERM run's fingerprint is the one it had before OLTR existed
+            for key in (*OLTR_FIELDS, "trainer"):
+                config.pop(key)
+        if not self.open_classes:
+            config.pop("open_classes")
+        return config_fingerprint(config, ignore=RESUME_FREE)
+
+    def stage_epochs(self) -> tuple[int, int]:
+        """OLTR's (stage 1, stage 2) epochs; ERM trains one stage of ``epochs``."""
+        if self.trainer != "oltr":
+            return self.epochs, 0
+        return (self.oltr_stage1_epochs if self.oltr_stage1_epochs is not None else self.epochs,
+                self.oltr_stage2_epochs if self.oltr_stage2_epochs is not None else self.epochs)
+
+    def total_epochs(self) -> int:
+        return sum(self.stage_epochs())
 
     def validate(self) -> None:
         """Cheap checks, before anything is loaded or written."""
@@ -144,6 +193,34 @@ class ApplyConfig:
             raise UserError(f"--mixup-alpha must be >= 0, got {self.mixup_alpha}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        if self.trainer not in TRAINERS:
+            raise UserError(f"--trainer must be one of {', '.join(TRAINERS)}, got '{self.trainer}'")
+        if self.open_threshold is not None and not self.open_threshold > 0:
+            raise UserError(f"--open-threshold must be > 0 (a reachability), got {self.open_threshold}")
+        if not 0.0 < self.open_accept <= 1.0:
+            raise UserError(f"--open-accept must be in (0, 1], got {self.open_accept}")
+        if self.open_dataset and self.open_classes:
+            raise UserError("--open-dataset and --open-classes both define the open set; pick one")
+        if self.trainer == "oltr":
+            self._validate_oltr()
+
+    def _validate_oltr(self) -> None:
+        if self.soft_labels:
+            raise UserError("--soft-labels is a form of the ERM trainer; drop it or use --trainer erm")
+        if self.oltr_sampler not in OLTR_SAMPLERS:
+            raise UserError(f"--oltr-sampler must be one of {', '.join(OLTR_SAMPLERS)}, got '{self.oltr_sampler}'")
+        stage1, stage2 = self.stage_epochs()
+        for name, value, low in (("oltr-stage1-epochs", stage1, 1), ("oltr-stage2-epochs", stage2, 1),
+                                 ("samples-per-class", self.samples_per_class, 1)):
+            if value < low:
+                raise UserError(f"--{name} must be >= {low}, got {value}")
+        for name, value in (("oltr-backbone-lr-mult", self.oltr_backbone_lr_mult), ("dcl-weight", self.dcl_weight),
+                            ("dcl-margin", self.dcl_margin), ("dcl-push-weight", self.dcl_push_weight)):
+            if not value >= 0:
+                raise UserError(f"--{name} must be >= 0, got {value}")
+        for name, value in (("cosine-scale", self.cosine_scale), ("reachability-scale", self.reachability_scale)):
+            if not value > 0:
+                raise UserError(f"--{name} must be > 0, got {value}")
 
 
 # -- families -----------------------------------------------------------------------------------------------------
@@ -230,6 +307,14 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistributedContext, num
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
 
 
+def sync_buffers(model: nn.Module, ctx: DistributedContext) -> None:
+    """Rank 0's buffers (BatchNorm statistics: per rank in training) on every rank, so that every shard is
+    evaluated with the model that rank 0 checkpoints. DDP broadcasts them before each forward anyway."""
+    if ctx.enabled:
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -265,7 +350,7 @@ class ApplyStepper:
             return self._soft_step(x, y, idx)
         self.model.train()
         with _autocast(self.device, self.amp_dtype):
-            logits = self.model(x)
+            logits, extra = self._forward(x, y)
         losses = F.cross_entropy(logits.float(), y, reduction="none")
         if weighted and self.criterion is not None:
             w = self.criterion.weights(losses, y)
@@ -273,11 +358,17 @@ class ApplyStepper:
         else:
             w = None
             loss = losses.mean()
+        if extra is not None:  # an unweighted auxiliary loss (OLTR's centroid loss)
+            loss = loss + extra
         self._backward_and_step(loss)
         if self.soft is not None:  # warm-up epochs of SL mode: the teacher follows from the start
             self.soft.teacher.update(_unwrap(self.model))
         self._record(loss, losses, logits, y, idx, w)
         return loss.detach()
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and an auxiliary loss added unweighted (None here; subclasses add one)."""
+        return self.model(x), None
 
     def _soft_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         soft = self.soft
@@ -494,7 +585,32 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
         ctx.teardown()
 
 
-def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
+@dataclass
+class RunSetup:
+    """What every trainer shares: data and loaders, the frozen net's criterion and families, AMP, the run dir."""
+
+    cfg: ApplyConfig
+    ctx: DistributedContext
+    out: Path
+    state: dict[str, Any] | None
+    net: CMWNet | None
+    families: dict[str, Any] | None
+    criterion: CMWLoss | FocalWeighting | ClassBalancedWeighting | None
+    train_ds: Any
+    eval_sets: list[tuple[str, Any]]
+    open_ds: Any
+    counts: np.ndarray
+    num_classes: int
+    in_chans: int
+    train_loader: Any
+    eval_loaders: list[tuple[str, Any]]
+    open_loader: Any
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    is_clean: torch.Tensor | None
+
+
+def _setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
     out = Path(cfg.out)
     state = _prepare_out(cfg, out)
     _check_model_name(cfg.model)
@@ -504,6 +620,11 @@ def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
         target_families(net, np.zeros(0), cfg.families)  # raises the K mismatch before data is loaded
 
     train_ds, eval_sets = load_datasets(cfg)
+    open_ds = None
+    if cfg.open_classes or cfg.open_dataset or cfg.dataset.strip() == "imagenet-lt":
+        from cmw_transfer.trainer.oltr import prepare_open_set
+
+        train_ds, eval_sets, open_ds = prepare_open_set(cfg, train_ds, eval_sets)
     counts = train_ds.class_counts()
     num_classes = int(train_ds.num_classes)
     if int((counts > 0).sum()) < 2:
@@ -524,21 +645,14 @@ def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
         families["rank_digests"] = digests
         families["ranks_agree"] = True
         criterion = CMWLoss(net, families["family_of_class"], cfg.normalization).to(device)
+    elif cfg.weighting == "focal":
+        criterion = FocalWeighting(cfg.focal_gamma, cfg.normalization).to(device)
+    elif cfg.weighting == "class-balanced":
+        criterion = ClassBalancedWeighting(counts, cfg.cb_beta, cfg.normalization).to(device)
 
-    from cmw_transfer.models import create_model
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    in_chans = getattr(train_ds, "input_shape", (3,))[0]
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans).to(device)
-
-    train_loader = make_loader(train_ds, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
-                               distributed=ctx.enabled)
-    eval_loaders = [(label, make_loader(ds, cfg.batch_size, train=False, workers=cfg.workers, seed=cfg.seed,
-                                        distributed=ctx.enabled)) for label, ds in eval_sets]
-    steps_per_epoch = len(train_loader)
-    optimizer, scheduler = create_optimizer_and_scheduler(
-        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, sched=cfg.sched,
-        epochs=cfg.epochs, warmup_lr_epochs=cfg.warmup_lr_epochs, steps_per_epoch=steps_per_epoch)
+    def loader(ds: Any, train: bool) -> Any:
+        return make_loader(ds, cfg.batch_size, train=train, workers=cfg.workers, seed=cfg.seed,
+                           distributed=ctx.enabled)
 
     amp_dtype = None
     scaler = None
@@ -546,58 +660,158 @@ def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
         amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         if device.type == "cuda":
             scaler = torch.amp.GradScaler("cuda")
-
-    soft = None
-    if cfg.soft_labels:
-        soft = SoftLabelState(model, train_ds.targets, num_classes, device=device, decay=cfg.teacher_decay,
-                              alpha=cfg.mixup_alpha, batch_size=cfg.batch_size)
     is_clean = None
     if train_ds.clean_targets is not None:
         is_clean = torch.as_tensor(train_ds.targets == train_ds.clean_targets, device=device)
+    return RunSetup(cfg=cfg, ctx=ctx, out=out, state=state, net=net, families=families, criterion=criterion,
+                    train_ds=train_ds, eval_sets=eval_sets, open_ds=open_ds, counts=counts, num_classes=num_classes,
+                    in_chans=getattr(train_ds, "input_shape", (3,))[0], train_loader=loader(train_ds, True),
+                    eval_loaders=[(label, loader(ds, False)) for label, ds in eval_sets],
+                    open_loader=loader(open_ds, False) if open_ds is not None else None, amp_dtype=amp_dtype,
+                    scaler=scaler, is_clean=is_clean)
 
+
+class ERMTrainer:
+    """The apply stage's model, optimizer and step: (CMW-weighted) ERM, optionally in the soft-label form.
+
+    The run loop (:func:`_train`) only talks to this interface, so another trainer (``OLTRTrainer`` in
+    :mod:`cmw_transfer.trainer.oltr`) changes the model and the step, and inherits data, weighting, DDP,
+    checkpoints, metrics and evaluation.
+    """
+
+    def __init__(self, s: RunSetup) -> None:
+        self.s = s
+        cfg = s.cfg
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+        self.model = self.build_model().to(s.ctx.device)
+        self.train_loader = s.train_loader
+        self.optimizer, self.scheduler = self.make_optimizer()
+        self.soft = None
+        if cfg.soft_labels:
+            self.soft = SoftLabelState(self.model, s.train_ds.targets, s.num_classes, device=s.ctx.device,
+                                       decay=cfg.teacher_decay, alpha=cfg.mixup_alpha, batch_size=cfg.batch_size)
+        self.stepper: ApplyStepper | None = None
+
+    def build_model(self) -> nn.Module:
+        from cmw_transfer.models import create_model
+
+        return create_model(self.s.cfg.model, num_classes=self.s.num_classes, in_chans=self.s.in_chans)
+
+    def make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        cfg = self.s.cfg
+        return create_optimizer_and_scheduler(
+            self.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            sched=cfg.sched, epochs=cfg.epochs, warmup_lr_epochs=cfg.warmup_lr_epochs,
+            steps_per_epoch=len(self.train_loader))
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Load a checkpoint (before :meth:`start`); returns (epochs done, best so far)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.s.scaler is not None and state.get("scaler"):
+            self.s.scaler.load_state_dict(state["scaler"])
+        if self.soft is not None:
+            self.soft.load_state_dict(state["soft"])
+        return int(state["epoch"]), dict(state["best"])
+
+    def start(self, epoch: int) -> None:
+        """Wrap for DDP and build the step, continuing the lr schedule at ``epoch``."""
+        self.stepper = self.make_stepper(self.wrap(self.model))
+        self.stepper.num_updates = epoch * len(self.train_loader)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        ctx = self.s.ctx
+        if not ctx.enabled:
+            return module
+        return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    def make_stepper(self, module: nn.Module) -> ApplyStepper:
+        s = self.s
+        return ApplyStepper(module, self.optimizer, self.scheduler, criterion=s.criterion,
+                            normalization=s.cfg.normalization, device=s.ctx.device, amp_dtype=s.amp_dtype,
+                            scaler=s.scaler, soft=self.soft, is_clean=s.is_clean, ctx=s.ctx)
+
+    def begin_epoch(self, epoch: int) -> str:
+        """Called before every epoch; returns a note for the progress bar."""
+        return ""
+
+    def weighted(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) uses the net's weights: after the plain-CE warm-up epochs."""
+        return epoch >= self.s.cfg.warmup_epochs
+
+    def epoch_fields(self) -> dict[str, Any]:
+        return {}
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.s.scaler.state_dict() if self.s.scaler is not None else None,
+            "soft": self.soft.state_dict() if self.soft is not None else None,
+        }
+
+    def evaluate_open(self) -> dict[str, Any]:
+        """Open-set metrics, rejecting by reachability to the class means of the training features."""
+        from cmw_transfer.trainer.oltr import evaluate_open_set
+
+        return evaluate_open_set(self.s, self.model, centroids=None)
+
+
+def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
+    s = _setup(cfg, ctx)
+    if cfg.trainer == "oltr":
+        from cmw_transfer.trainer.oltr import OLTRTrainer
+
+        trainer: ERMTrainer = OLTRTrainer(s)
+    else:
+        trainer = ERMTrainer(s)
     start_epoch, best = 0, {"top1": None, "epoch": None}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if soft is not None:
-            soft.load_state_dict(state["soft"])
-        start_epoch, best = int(state["epoch"]), dict(state["best"])
+    if s.state is not None:
+        start_epoch, best = trainer.restore(s.state)
+    trainer.start(start_epoch)
+    return _train(s, trainer, start_epoch, best)
 
-    ddp_model: nn.Module = model
-    if ctx.enabled:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    stepper = ApplyStepper(ddp_model, optimizer, scheduler, criterion=criterion, normalization=cfg.normalization,
-                           device=device, amp_dtype=amp_dtype, scaler=scaler, soft=soft, is_clean=is_clean, ctx=ctx)
-    stepper.num_updates = start_epoch * steps_per_epoch
 
+def _train(s: RunSetup, trainer: ERMTrainer, start_epoch: int, best: dict[str, Any]) -> dict[str, Any]:
+    cfg, ctx, out, state, net = s.cfg, s.ctx, s.out, s.state, s.net
+    device = ctx.device
+    epochs = cfg.total_epochs()
     log = None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
             write_json(out / CONFIG_NAME, {**cfg.to_dict(), "fingerprint": cfg.fingerprint(),
                                            "world_size": ctx.world_size})
-        if families is not None:
-            write_json(out / FAMILIES_NAME, families)
+        if s.families is not None:
+            write_json(out / FAMILIES_NAME, s.families)
         log = MetricsLog(out / METRICS_NAME, resume_from_epoch=start_epoch + 1 if state is not None else None)
-        _describe_start(cfg, ctx, train_ds, families, net, start_epoch)
+        _describe_start(cfg, ctx, s.train_ds, s.families, net, start_epoch)
+        if s.open_ds is not None:
+            held = f" (held-out classes {list(cfg.open_classes)})" if cfg.open_classes else ""
+            tqdm.write(f"open set: {len(s.open_ds)} unknown samples{held}, rejected below the reachability "
+                       + (f"{cfg.open_threshold}" if cfg.open_threshold is not None else
+                          f"accepting {100 * cfg.open_accept:g}% of the known test samples"), file=_stderr())
 
+    eval_labels = {label for label, _ in s.eval_loaders} | ({"open"} if s.open_loader is not None else set())
     kill_at = _kill_point()
     range_warned = False
     final_eval: dict[str, Any] = {}
     t_run = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        weighted = epoch >= cfg.warmup_epochs
+    for epoch in range(start_epoch, epochs):
+        note = trainer.begin_epoch(epoch)
+        stepper, train_loader = trainer.stepper, trainer.train_loader
+        assert stepper is not None
+        weighted = trainer.weighted(epoch)
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank))
-        if soft is not None:
-            soft.rng = np.random.default_rng(derive_seed(cfg.seed, epoch, ctx.rank, 1))
+        if trainer.soft is not None:
+            trainer.soft.rng = np.random.default_rng(derive_seed(cfg.seed, epoch, ctx.rank, 1))
         stepper.reset_stats()
         bar = tqdm(total=len(train_loader) * cfg.batch_size * ctx.world_size, unit="img", unit_scale=True, leave=False,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}" + ("" if weighted else " (CE warm-up)"),
+                   desc=f"epoch {epoch + 1}/{epochs}" + note + ("" if weighted else " (CE warm-up)"),
                    disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
         t0, seen, last_shape = time.perf_counter(), 0, None
         for step, batch in enumerate(train_loader):
@@ -617,8 +831,9 @@ def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
             bar.update(y.shape[0] * ctx.world_size)
         bar.close()
         elapsed = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch + 1, "weighted": bool(weighted and criterion is not None),
-                               "lr": float(optimizer.param_groups[0]["lr"])}
+        row: dict[str, Any] = {"epoch": epoch + 1, "weighted": bool(weighted and s.criterion is not None),
+                               "lr": float(trainer.optimizer.param_groups[0]["lr"])}
+        row.update(trainer.epoch_fields())
         row.update(stepper.epoch_stats(ctx))
         row["images_per_s"] = float(ctx.all_reduce_sum(seen / max(elapsed, 1e-9)).item())
         if net is not None:
@@ -631,12 +846,15 @@ def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
                               f"{rng_report['loss_p1']:.3g}/{rng_report['loss_p99']:.3g}); its weights there are "
                               "extrapolated", stacklevel=2)
                 range_warned = True
-        last = epoch + 1 == cfg.epochs
+        last = epoch + 1 == epochs
         if last or (epoch + 1) % cfg.eval_every == 0:
-            for label, loader in eval_loaders:
-                res = evaluate_sharded(model, loader, ctx, num_classes, counts, amp_dtype)
+            sync_buffers(trainer.model, ctx)
+            for label, loader in s.eval_loaders:
+                res = evaluate_sharded(trainer.model, loader, ctx, s.num_classes, s.counts, s.amp_dtype)
                 row.update({f"{label}_{k}": v for k, v in res.items()})
-            final_eval = {k: v for k, v in row.items() if k.split("_", 1)[0] in {lb for lb, _ in eval_loaders}}
+            if s.open_loader is not None:
+                row.update({f"open_{k}": v for k, v in trainer.evaluate_open().items()})
+            final_eval = {k: v for k, v in row.items() if k.split("_", 1)[0] in eval_labels}
             top1 = row.get("test_top1")
             if top1 is not None and (best["top1"] is None or top1 > best["top1"]):
                 best = {"top1": top1, "epoch": epoch + 1}
@@ -644,20 +862,11 @@ def _run(cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
             assert log is not None
             log.append(row)
             tqdm.write(_epoch_line(row), file=_stderr())
-            ckpt = {
-                "fingerprint": cfg.fingerprint(),
-                "epoch": epoch + 1,
-                "best": best,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "soft": soft.state_dict() if soft is not None else None,
-            }
+            ckpt = {"fingerprint": cfg.fingerprint(), "epoch": epoch + 1, "best": best, **trainer.checkpoint()}
             save_checkpoint(out / CHECKPOINT_NAME, ckpt)
         ctx.barrier()
 
-    summary = _summary(cfg, ctx, out, final_eval, best, families, time.perf_counter() - t_run, log)
+    summary = _summary(cfg, ctx, out, final_eval, best, s.families, time.perf_counter() - t_run, log)
     if ctx.is_main:
         write_json(out / SUMMARY_NAME, summary)
     ctx.barrier()
@@ -668,7 +877,7 @@ def _summary(cfg: ApplyConfig, ctx: DistributedContext, out: Path, final_eval: d
              families: dict[str, Any] | None, seconds: float, log: MetricsLog | None) -> dict[str, Any]:
     rows = log.read() if log is not None else []
     if not final_eval and rows:  # resumed after the last epoch: report what the log holds
-        labels = ("test", *(item.partition("=")[0] for item in cfg.extra_eval))
+        labels = ("test", "open", *(item.partition("=")[0] for item in cfg.extra_eval))
         final_eval = {k: v for k, v in rows[-1].items() if k.split("_", 1)[0] in labels}
     speeds = [r["images_per_s"] for r in rows if "images_per_s" in r]
     return {
@@ -678,7 +887,8 @@ def _summary(cfg: ApplyConfig, ctx: DistributedContext, out: Path, final_eval: d
         "weighting": cfg.weighting,
         "soft_labels": cfg.soft_labels,
         "weights": cfg.weights,
-        "epochs": cfg.epochs,
+        "trainer": cfg.trainer,
+        "epochs": cfg.total_epochs(),
         "world_size": ctx.world_size,
         "final": final_eval,
         "best_test_top1": best["top1"],
@@ -705,10 +915,14 @@ def _fmt(value: Any) -> str:
 
 def _epoch_line(row: dict[str, Any]) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {_fmt(row.get('train_loss'))}", f"train {_fmt(row.get('train_acc'))}%"]
+    if "stage" in row:
+        parts.insert(1, f"stage {row['stage']}")
     if "mean_weight" in row:
         parts.append(f"w {row['mean_weight']:.3f}")
     if "test_top1" in row:
         parts.append(f"test top1 {_fmt(row['test_top1'])} top5 {_fmt(row.get('test_top5'))}")
+    if "open_f1" in row:
+        parts.append(f"open F {_fmt(row['open_f1'])}")
     parts.append(f"{row['images_per_s']:.0f} img/s")
     return " | ".join(parts)
 
@@ -718,7 +932,8 @@ def _describe_start(cfg: ApplyConfig, ctx: DistributedContext, train_ds: Any, fa
     err = _stderr()
     noise = train_ds.noise_rate() if hasattr(train_ds, "noise_rate") else None
     tqdm.write(f"apply: {train_ds.describe()}" + (f", realised noise {100 * noise:.1f}%" if noise is not None else "")
-               + f"; model {cfg.model}; weighting {cfg.weighting}{' + soft labels' if cfg.soft_labels else ''}; "
+               + f"; model {cfg.model}; trainer {cfg.trainer}; weighting {cfg.weighting}"
+               f"{' + soft labels' if cfg.soft_labels else ''}; "
                f"world size {ctx.world_size}; device {ctx.device}", file=err)
     if families is not None and net is not None:
         tqdm.write(f"families: centers {[round(c, 1) for c in families['centers']]} -> classes per head "
