@@ -39,6 +39,13 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
             "-m", "cmw_transfer", "apply", *args]
 
 
+def _parse_milestones(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--decay-milestones must be comma-separated epochs, e.g. 30,60; got '{text}'") from None
+
+
 @click.command("apply")
 @click.option("--weights", "weights", metavar="SPEC", default=None,
               help="Frozen weighting net: DIR, FILE.safetensors, hub:org/name[@rev] or pretrained:NAME "
@@ -61,6 +68,8 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--sched", default="cosine", show_default=True,
               help="timm scheduler: cosine, step, multistep, tanh, poly, constant, wsd, rsqrt or none.")
+@click.option("--decay-milestones", default="", metavar="E1,E2",
+              help="--sched multistep: epochs where the lr is multiplied by 0.1 (default: 50% and 75% of the run).")
 @click.option("--warmup-lr-epochs", type=int, default=0, show_default=True, help="Linear lr warm-up (timm).")
 @click.option("--warmup-epochs", type=int, default=0, show_default=True,
               help="Plain cross-entropy for the first E epochs, then the weighted loss (as the paper).")
@@ -145,6 +154,7 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     from cmw_transfer.trainer.oltr import parse_open_classes
 
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
+    options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
     options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
     summary = run_apply(ApplyConfig(**options))  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")) != 0:

@@ -109,6 +109,7 @@ class ApplyConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     sched: str = "cosine"
+    decay_milestones: tuple[int, ...] = ()  # multistep: epochs where lr x0.1 (default 50% and 75% of the run)
     warmup_lr_epochs: int = 0
     warmup_epochs: int = 0
     weighting: str = "cmw"
@@ -702,7 +703,7 @@ class ERMTrainer:
         return create_optimizer_and_scheduler(
             self.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
             sched=cfg.sched, epochs=cfg.epochs, warmup_lr_epochs=cfg.warmup_lr_epochs,
-            steps_per_epoch=len(self.train_loader))
+            steps_per_epoch=len(self.train_loader), decay_milestones=cfg.decay_milestones)
 
     def restore(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Load a checkpoint (before :meth:`start`); returns (epochs done, best so far)."""

@@ -361,7 +361,7 @@ class OLTRTrainer(ERMTrainer):
         return create_optimizer_and_scheduler(
             self.model.backbone, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
             sched=cfg.sched, epochs=self.stage1_epochs, warmup_lr_epochs=cfg.warmup_lr_epochs,
-            steps_per_epoch=len(self.train_loader))
+            steps_per_epoch=len(self.train_loader), decay_milestones=cfg.decay_milestones)
 
     def restore(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if int(state.get("stage", 1)) == 2:

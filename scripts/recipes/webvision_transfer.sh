@@ -22,7 +22,8 @@ EXTRA=()
 [ -n "${ILSVRC_VAL_LIST:-}" ] && EXTRA=(--extra-eval "ilsvrc12=list:$ILSVRC_VAL_LIST")
 
 common=(--dataset webvision-full --data-dir "$DATA" --model inception_resnet_v2 --img-size 299 --epochs 90
-        --batch-size $((256 / GPUS)) --lr 0.2 --weight-decay 5e-5 --sched multistep --warmup-epochs 10
+        --batch-size $((256 / GPUS)) --lr 0.2 --weight-decay 5e-5 --sched multistep --decay-milestones 30,60
+        --warmup-epochs 10
         --workers 8 --amp "${EXTRA[@]}")
 $TORCHRUN --nproc_per_node "$GPUS" -m cmw_transfer apply --weighting none "${common[@]}" --out "$OUT/erm"
 $TORCHRUN --nproc_per_node "$GPUS" -m cmw_transfer apply --weights "$NET" --soft-labels --mixup-alpha 0.2 \
