@@ -15,7 +15,7 @@ the clean test split (final epoch, no early stopping):
 The meta-trained methods hold out 10 clean samples per class (before the bias) as their meta set; the others
 train on the full biased set. Writes ``study.json`` and prints a markdown table (mean ± std over seeds).
 
-    python scripts/study.py                         # ~10 minutes on 2 CPU cores
+    python scripts/study.py                         # ~9 minutes on 2 CPU cores
     python scripts/study.py --seeds 0 --settings asym   # a quick look
 """
 
