@@ -18,6 +18,17 @@ def make_net(num_heads: int = 3, hidden: int = 16, seed: int = 0, centers: list[
     return net.with_scales(centers, {"min": 0.0, "p1": 0.01, "p50": 0.7, "p99": 4.5, "max": 8.0})
 
 
+def downweighting_net(loss_range: dict[str, float] | None = None, hidden: int = 8) -> CMWNet:
+    """Hand-set heads whose weight falls with the loss: w = sigmoid(3 - 3 * loss) on every head."""
+    net = CMWNet(hidden_size=hidden, num_heads=3)
+    with torch.no_grad():
+        net.trunk.weight.fill_(1.0)
+        net.trunk.bias.zero_()
+        net.heads.weight.fill_(-3.0 / hidden)
+        net.heads.bias.fill_(3.0)
+    return net.with_scales([10.0, 50.0, 100.0], loss_range or {"min": 0.0, "p1": 0.01, "p50": 0.5, "max": 10.0})
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real entry point in a subprocess: exit codes and stderr exactly as a user sees them."""
     return subprocess.run([sys.executable, "-m", "cmw_transfer", *args], capture_output=True, text=True,

@@ -30,19 +30,11 @@ from cmw_transfer.trainer.apply import (
 )
 from cmw_transfer.trainer.common import DistributedContext, make_loader
 from cmw_transfer.weighting import CMWLoss
+from tests.helpers import downweighting_net
 
 MODEL = "test_resnet"  # a tiny timm model
 
 
-def downweighting_net(loss_range: dict[str, float] | None = None, hidden: int = 8) -> CMWNet:
-    """Hand-set heads whose weight falls with the loss: w = sigmoid(3 - 3 * loss) on every head."""
-    net = CMWNet(hidden_size=hidden, num_heads=3)
-    with torch.no_grad():
-        net.trunk.weight.fill_(1.0)
-        net.trunk.bias.zero_()
-        net.heads.weight.fill_(-3.0 / hidden)
-        net.heads.bias.fill_(3.0)
-    return net.with_scales([10.0, 50.0, 100.0], loss_range or {"min": 0.0, "p1": 0.01, "p50": 0.5, "max": 10.0})
 
 
 def digits_config(out: Path, weights: Path | None, **overrides) -> ApplyConfig:
@@ -53,13 +45,6 @@ def digits_config(out: Path, weights: Path | None, **overrides) -> ApplyConfig:
     return ApplyConfig(**base)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.trainer.apply import KILL_ENV, ApplyConfig, run_apply
+from tests.helpers import downweighting_net
 
 MODEL = "test_resnet"  # a tiny timm model
 
 
-def downweighting_net(hidden: int = 8) -> CMWNet:
-    """Every head: w = sigmoid(3 - 3 * loss), so noisy (high-loss) samples count less."""
-    net = CMWNet(hidden_size=hidden, num_heads=3)
-    with torch.no_grad():
-        net.trunk.weight.fill_(1.0)
-        net.trunk.bias.zero_()
-        net.heads.weight.fill_(-3.0 / hidden)
-        net.heads.bias.fill_(3.0)
-    return net.with_scales([10.0, 50.0, 100.0], {"min": 0.0, "max": 10.0})
 
 
 def _apply(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

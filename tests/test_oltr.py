@@ -40,12 +40,6 @@ MODEL = "test_resnet"  # a tiny timm model: 96-d pooled features, a 1x1 feature 
 CPU = DistributedContext(torch.device("cpu"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
