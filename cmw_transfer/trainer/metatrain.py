@@ -292,7 +292,7 @@ class MetaTrainer:
         start = time.perf_counter()
         for it, (x, y, idx) in enumerate(bar):
             x, y = x.to(self.device), y.to(self.device)
-            batch = self._train_batch(x, y, idx, gen)
+            batch = self._train_batch(x, y, idx, gen, mix=weighted)
             logits = self.model(batch.x)
             terms = self.objective.terms(logits, batch)
             if not torch.isfinite(terms).all():
@@ -333,10 +333,14 @@ class MetaTrainer:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{rate:.0f}")
         return self._epoch_row(epoch, sums, last_weight, last_loss, time.perf_counter() - start)
 
-    def _train_batch(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: np.random.Generator) -> TrainBatch:
+    def _train_batch(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: np.random.Generator,
+                     mix: bool) -> TrainBatch:
+        """CMW-Net-SL batches: pseudo-labels from the teacher on the un-mixed input, then mixup (not in warm-up)."""
         if self.pseudo is None:
             return TrainBatch(x, y, self.family_of_class)
         pseudo = self.pseudo.update(idx, teacher_probs(self.teacher, x))
+        if not mix:  # the CE warm-up trains on the plain batch, as the authors' train_CE
+            return TrainBatch(x, y, self.family_of_class, pseudo=pseudo)
         lam, perm = sample_mixup(len(y), self.cfg.mixup_alpha, gen, self.device)
         return TrainBatch(mix_inputs(x, lam, perm), y, self.family_of_class, pseudo=pseudo, lam=lam, perm=perm)
 
