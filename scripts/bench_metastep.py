@@ -46,9 +46,12 @@ def build(model_name: str, batch_size: int, device: str, seed: int = 0, meta_bat
 
 
 def modes_for(model) -> dict[str, list[str]]:
-    skip = len(parameter_stages(model)) - 2  # keep the last stage and the classifier
+    """exact (two orders of the real step), SLMO at two depths (last stage + classifier; classifier only), FaMUS."""
+    stages = len(parameter_stages(model))
     exact = virtual_names(model, "exact")
-    return {"exact": exact, "exact-updated": exact, f"skip:{skip}": virtual_names(model, "skip", skip),
+    return {"exact": exact, "exact-updated": exact,
+            f"skip:{stages - 2}": virtual_names(model, "skip", stages - 2),
+            f"skip:{stages - 1}": virtual_names(model, "skip", stages - 1),
             "famus": virtual_names(model, "famus")}
 
 
