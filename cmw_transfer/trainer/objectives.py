@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from cmw_transfer.trainer.soft_labels import soft_cross_entropy
+from cmw_transfer.trainer.soft_labels import soft_label_coefficients, soft_label_terms
 from cmw_transfer.weighting import loss_coefficients
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (detached loss [B], family [B]) -> weight [B]
@@ -62,24 +62,20 @@ class SoftLabelCE:
     def terms(self, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         if batch.pseudo is None:
             raise ValueError("SoftLabelCE needs batch.pseudo")
-        perm = batch.perm if batch.perm is not None else torch.arange(len(batch.y), device=batch.y.device)
-        return torch.stack([
-            F.cross_entropy(logits, batch.y, reduction="none"),
-            soft_cross_entropy(logits, batch.pseudo),
-            F.cross_entropy(logits, batch.y[perm], reduction="none"),
-            soft_cross_entropy(logits, batch.pseudo[perm]),
-        ], dim=1)
+        return soft_label_terms(logits, batch.y, batch.pseudo, self._perm(batch))
+
+    @staticmethod
+    def _perm(batch: TrainBatch) -> torch.Tensor:
+        return batch.perm if batch.perm is not None else torch.arange(len(batch.y), device=batch.y.device)
 
     def weights(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
-        perm = batch.perm if batch.perm is not None else torch.arange(len(batch.y), device=batch.y.device)
         fam = batch.family
-        return torch.stack([weight_fn(terms[:, 0].detach(), fam), weight_fn(terms[:, 2].detach(), fam[perm])], 1)
+        partner = fam[self._perm(batch)]
+        return torch.stack([weight_fn(terms[:, 0].detach(), fam), weight_fn(terms[:, 2].detach(), partner)], 1)
 
     def coefficients(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         v = self.weights(weight_fn, terms, batch)
-        lam = batch.lam
-        coeff = torch.stack([lam * v[:, 0], lam * (1 - v[:, 0]), (1 - lam) * v[:, 1], (1 - lam) * (1 - v[:, 1])], 1)
-        return coeff / terms.shape[0]
+        return soft_label_coefficients(v[:, 0], v[:, 1], batch.lam) / terms.shape[0]
 
 
 def create_objective(method: str, normalization: str = "batch") -> WeightedCE | SoftLabelCE:

@@ -37,6 +37,22 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     return -(target_probs.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
 
 
+def soft_label_terms(logits: torch.Tensor, targets: torch.Tensor, pseudo: torch.Tensor,
+                     perm: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``[CE(z, y_a), CE(z, p_a), CE(z, y_b), CE(z, p_b)]``, shape [B, 4] (b = the mixup partner)."""
+    return torch.stack([
+        F.cross_entropy(logits, targets, reduction="none"),
+        soft_cross_entropy(logits, pseudo),
+        F.cross_entropy(logits, targets[perm], reduction="none"),
+        soft_cross_entropy(logits, pseudo[perm]),
+    ], dim=1)
+
+
+def soft_label_coefficients(v_a: torch.Tensor, v_b: torch.Tensor, lam: float) -> torch.Tensor:
+    """How the weights mix the four terms: ``[lam v_a, lam (1-v_a), (1-lam) v_b, (1-lam) (1-v_b)]``, [B, 4]."""
+    return torch.stack([lam * v_a, lam * (1 - v_a), (1 - lam) * v_b, (1 - lam) * (1 - v_b)], dim=1)
+
+
 def soft_label_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -54,11 +70,7 @@ def soft_label_loss(
     used as given: detach them for the actual step, keep them in the graph for a meta step.
     """
     v_a, v_b = (w.reshape(-1).to(logits.dtype) for w in weights)
-    ce_a = F.cross_entropy(logits, targets, reduction="none")
-    ce_b = F.cross_entropy(logits, targets[perm], reduction="none")
-    sce_a = soft_cross_entropy(logits, pseudo)
-    sce_b = soft_cross_entropy(logits, pseudo[perm])
-    per_sample = lam * (ce_a * v_a + sce_a * (1 - v_a)) + (1 - lam) * (ce_b * v_b + sce_b * (1 - v_b))
+    per_sample = (soft_label_coefficients(v_a, v_b, lam) * soft_label_terms(logits, targets, pseudo, perm)).sum(1)
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
