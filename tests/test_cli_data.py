@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 
 from cmw_transfer.cli import main
-
-try:
-    from fixtures_data import write_webvision
-except ImportError:  # tests/ imported as a package
-    from tests.fixtures_data import write_webvision
+from tests.fixtures_data import write_webvision
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -18,11 +18,7 @@ from cmw_transfer.dataset import (
 )
 from cmw_transfer.dataset.images import make_transform
 from cmw_transfer.errors import UserError
-
-try:
-    from fixtures_data import write_broken_image, write_png
-except ImportError:  # tests/ imported as a package
-    from tests.fixtures_data import write_broken_image, write_png
+from tests.fixtures_data import write_broken_image, write_png
 
 
 def test_digits_splits_are_disjoint_stable_and_stratified():

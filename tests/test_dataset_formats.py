@@ -10,27 +10,15 @@ from cmw_transfer.dataset import create_dataset
 from cmw_transfer.dataset.images import make_transform
 from cmw_transfer.dataset.lists import parse_label_list
 from cmw_transfer.errors import UserError
-
-try:
-    from fixtures_data import (
-        write_animal10n,
-        write_cifar10,
-        write_cifar100,
-        write_clothing1m,
-        write_imagenet_lt,
-        write_png,
-        write_webvision,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.fixtures_data import (
-        write_animal10n,
-        write_cifar10,
-        write_cifar100,
-        write_clothing1m,
-        write_imagenet_lt,
-        write_png,
-        write_webvision,
-    )
+from tests.fixtures_data import (
+    write_animal10n,
+    write_cifar10,
+    write_cifar100,
+    write_clothing1m,
+    write_imagenet_lt,
+    write_png,
+    write_webvision,
+)
 
 SMALL = make_transform("test", input_size=16)
 

@@ -14,11 +14,11 @@ from cmw_transfer.trainer.metastep import (
     FamusGates,
     VirtualStep,
     meta_gradient,
-    naive_meta_gradient,
     parse_meta_grad,
     virtual_names,
 )
 from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
+from tests.reference import naive_meta_gradient
 
 
 @pytest.fixture

@@ -354,14 +354,10 @@ def test_relaunch_keeps_oltr_options_and_leaves_the_auto_attention_alone():
 
 # -- ImageNet-LT's open split -------------------------------------------------------------------------------------
 def test_imagenet_lt_open_list_is_the_open_set(tmp_path):
-    try:
-        from fixtures_data import write_imagenet_lt, write_png
-    except ImportError:  # tests/ imported as a package
-        from tests.fixtures_data import write_imagenet_lt, write_png
-
     from cmw_transfer.models import create_model
     from cmw_transfer.trainer.apply import _setup
     from cmw_transfer.trainer.oltr import evaluate_open_set
+    from tests.fixtures_data import write_imagenet_lt, write_png
 
     rows = write_imagenet_lt(tmp_path)
     for k, (path, _) in enumerate(rows["open"]):

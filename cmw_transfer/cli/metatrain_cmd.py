@@ -59,7 +59,7 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, quie
     """Meta-train a CMW-Net / MW-Net / CMW-Net-SL weighting net; defaults follow the source's recipe."""
     from cmw_transfer.trainer.metatrain import MetaTrainer
 
-    values = {f.name: f.default for f in fields(MetaTrainConfig) if f.name != "extra"}
+    values = {f.name: f.default for f in fields(MetaTrainConfig)}
     values.update(recipe_for(src))
     values.update({k: v for k, v in options.items() if v is not None})
     values.update(src=src, out=out, mirror_optimizer=mirror_optimizer)

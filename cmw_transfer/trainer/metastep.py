@@ -261,19 +261,3 @@ def _gate_gradients(gates: FamusGates, gate_values: dict[str, torch.Tensor], nam
     params = dict(gates.named_parameters())
     grads = torch.autograd.grad(surrogate, list(params.values()), allow_unused=True)
     return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
-def naive_meta_gradient(model: nn.Module, wnet: nn.Module, batch: TrainBatch, meta_x: torch.Tensor,
-                        meta_y: torch.Tensor, objective: WeightedCE | SoftLabelCE, lr: float
-                        ) -> dict[str, torch.Tensor]:
-    """Textbook reference (deep copy + create_graph), for tests only: slow, but obviously right."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    params = dict(clone.named_parameters())
-    buffers = _clone(dict(clone.named_buffers()))
-    logits = functional_call(clone, (params, buffers), (batch.x,))
-    terms = objective.terms(logits, batch)
-    coeff = objective.coefficients(lambda loss, fam: wnet(loss, fam), terms.detach(), batch)
-    grads = torch.autograd.grad((coeff * terms).sum(), list(params.values()), create_graph=True)
-    fast = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
-    meta_loss = F.cross_entropy(functional_call(clone, (fast, _clone(buffers)), (meta_x,)), meta_y)
-    return dict(zip(dict(wnet.named_parameters()), torch.autograd.grad(meta_loss, list(wnet.parameters()))))

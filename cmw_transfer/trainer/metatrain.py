@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from cmw_transfer.bias.apply import apply_bias
 from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics import MetricsLog, clean_noisy_auc, evaluate
+from cmw_transfer.metrics.log import METRICS_NAME
 from cmw_transfer.models import create_model
 from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME, config_fingerprint, load_checkpoint, save_checkpoint
 from cmw_transfer.trainer.common import create_optimizer_and_scheduler, derive_seed, make_loader, resolve_device
@@ -83,7 +84,6 @@ class MetaTrainConfig:
     device: str = "auto"
     workers: int = 0
     famus_active: int = 4
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -203,9 +203,10 @@ class MetaTrainer:
         self.fingerprint = config_fingerprint(asdict(cfg), ignore=("epochs", "device", "workers", "out"))
         self.start_epoch = 0
         self.updates = 0
+        self.last_losses = np.zeros(0)  # per-sample losses of the last epoch: the artifact's loss range
         if resume:
             self._restore(load_checkpoint(self.out / CHECKPOINT_NAME, self.fingerprint))
-        self.log = MetricsLog(self.out / "metrics.jsonl", resume_from_epoch=self.start_epoch if resume else None)
+        self.log = MetricsLog(self.out / METRICS_NAME, resume_from_epoch=self.start_epoch if resume else None)
 
     def _classifier_prefix(self) -> str:
         head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
@@ -389,12 +390,11 @@ class MetaTrainer:
         if self.test_loader is not None:
             row.update({f"test_{k}": v for k, v in evaluate(self.model, self.test_loader, self.device).items()
                         if k in ("top1", "top5")})
-        finite = losses[seen & np.isfinite(losses)]
-        self._last_losses = finite
+        self.last_losses = losses[seen & np.isfinite(losses)]
         return row
 
     def loss_range(self) -> dict[str, float]:
-        losses = getattr(self, "_last_losses", np.zeros(1))
+        losses = self.last_losses
         q = np.quantile(losses, [0.0, 0.01, 0.5, 0.99, 1.0]) if losses.size else np.zeros(5)
         return dict(zip(("min", "p1", "p50", "p99", "max"), (round(float(v), 6) for v in q)))
 
