@@ -83,15 +83,15 @@ def test_unreachable_rate_and_bad_inputs_are_user_errors():
         pmd_noise(y, eta, 1, 0.0)
 
 
-def test_estimate_eta_on_digits_is_out_of_fold_and_cached(tmp_path, monkeypatch):
+def test_estimate_eta_on_digits_is_out_of_sample_and_cached(tmp_path, monkeypatch):
     ds = create_dataset("digits")
     eta = estimate_eta(ds, cache_dir=tmp_path)
     assert eta.shape == (len(ds), 10)
     assert np.allclose(eta.sum(axis=1), 1.0)
     accuracy = np.mean(eta.argmax(axis=1) == ds.clean_targets)
-    assert 0.9 < accuracy < 0.995  # good but not memorised: out-of-fold
+    assert 0.9 < accuracy < 0.995  # good but not memorised: leave-one-out
     assert len(list(tmp_path.glob("eta-*.npy"))) == 1
-    monkeypatch.setattr(eta_module, "_sklearn_eta", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(eta_module, "_knn_eta", lambda *a, **k: pytest.fail("cache not used"))
     assert np.array_equal(estimate_eta(ds, cache_dir=tmp_path), eta)
 
 
@@ -106,5 +106,5 @@ def test_estimate_eta_torch_path_on_a_small_image_dataset(tmp_path):
     assert eta.shape == (120, 3) and np.allclose(eta.sum(axis=1), 1.0)
     assert np.mean(eta.argmax(axis=1) == y) > 0.8
     assert len(list(tmp_path.glob("eta-*.npy"))) == 1
-    with pytest.raises(UserError, match="'auto', 'sklearn' or 'torch'"):
+    with pytest.raises(UserError, match="'auto', 'knn', 'torch'"):
         estimate_eta(ds, method="bogus")

@@ -122,8 +122,8 @@ def test_strict_turns_an_unreadable_image_into_an_error(tmp_path):
         ds[1]
 
 
-def test_eta_sklearn_needs_in_memory_data(tmp_path):
+def test_eta_knn_needs_in_memory_data(tmp_path):
     from cmw_transfer.bias import estimate_eta
 
     with pytest.raises(UserError, match="in-memory"):
-        estimate_eta(create_dataset(_broken_list(tmp_path)), method="sklearn")
+        estimate_eta(create_dataset(_broken_list(tmp_path)), method="knn")

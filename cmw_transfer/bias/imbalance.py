@@ -3,9 +3,15 @@
 Class 0 is the head, class C-1 the tail, so the largest / smallest kept count is the imbalance factor IF.
 ``n_max`` is the largest count every class can supply: ``min(max_count, min_i floor(count_i / IF**(-i/(C-1))))``
 (for a balanced source that is the per-class count), so the kept counts always match the formula exactly.
+
+``IF ** x`` is a libm power whose last bit varies between CPUs, and ``floor`` of a product that should be an
+integer (``500 * 10 ** -1``) would then vary too; every floor is taken of the value plus ``1e-9`` relative, so
+the counts are the same on every machine.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -30,12 +36,16 @@ def long_tail_counts(class_counts: np.ndarray | list[int], imbalance_factor: flo
     c = counts.size
     if c == 1:
         return counts.copy()
-    ratio = imbalance_factor ** (-np.arange(c) / (c - 1))
-    n_max = int(min(counts.max(), np.floor(counts / ratio).min()))
+    ratio = np.array([math.pow(imbalance_factor, -i / (c - 1)) for i in range(c)])
+    n_max = int(min(counts.max(), _stable_floor(counts / ratio).min()))
     if n_max < 1:
         empty = np.flatnonzero(counts == 0).tolist()
         raise UserError(f"cannot build a long tail: class(es) {empty[:10]} have no samples")
-    return np.floor(n_max * ratio).astype(np.int64)
+    return _stable_floor(n_max * ratio).astype(np.int64)
+
+
+def _stable_floor(x: np.ndarray) -> np.ndarray:
+    return np.floor(x * (1.0 + 1e-9))
 
 
 def long_tail_indices(

@@ -51,6 +51,7 @@ def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
         "bias": str(ds.bias) if ds.bias is not None else "none",
         "bias_steps": list(ds.bias_log),
         "num_samples": len(ds),
+        "labels_digest": ds.labels_digest(),
         "num_classes": ds.num_classes,
         "class_names": ds.classes,
         "class_counts": counts.tolist(),
@@ -100,7 +101,7 @@ def _print_text(info: dict) -> None:
     for step in info["bias_steps"]:
         extras = ", ".join(f"{k}={v}" for k, v in step.items() if k != "step")
         click.echo(f"  {step['step']:<16}{extras}")
-    click.echo(f"samples:     {info['num_samples']}")
+    click.echo(f"samples:     {info['num_samples']} (labels digest {info['labels_digest']})")
     click.echo(f"classes:     {info['num_classes']}")
     noise = info["noise_rate"]
     click.echo("noise rate:  " + ("unknown (no ground truth)" if noise is None else f"{100 * noise:.2f}%"))

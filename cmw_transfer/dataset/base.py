@@ -8,6 +8,7 @@ dataset is cheap.
 from __future__ import annotations
 
 import copy
+import hashlib
 import multiprocessing
 import warnings
 from collections.abc import Callable, Sequence
@@ -84,6 +85,19 @@ class LabeledDataset(Dataset):
     # --- labels and views -----------------------------------------------------------------------------
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.targets, minlength=self.num_classes).astype(np.int64)
+
+    def labels_digest(self) -> str:
+        """A 16-hex-digit fingerprint of which samples carry which label: compare it across machines.
+
+        sha256 over the class count, the store rows and the observed labels (int64, little endian). Biased
+        labels are built to be bit-identical on every machine, so two machines that disagree here are not
+        training on the same data.
+        """
+        h = hashlib.sha256(b"cmw-transfer labels v1")
+        h.update(np.int64(self.num_classes).astype("<i8").tobytes())
+        h.update(np.ascontiguousarray(self.rows, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(self.targets, dtype="<i8").tobytes())
+        return h.hexdigest()[:16]
 
     def noise_rate(self) -> float | None:
         """Realised fraction of observed labels that differ from the ground truth; ``None`` when unknown."""
