@@ -6,10 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 deps=$("$PY" - <<'PYEOF'
-import tomllib
-with open("pyproject.toml", "rb") as fh:
-    project = tomllib.load(fh)["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+import re
+try:
+    import tomllib
+    with open("pyproject.toml", "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["dev"]
+except ImportError:  # Python 3.10: no tomllib; the two arrays are plain lists of quoted strings
+    text = open("pyproject.toml").read()
+    arrays = [re.search(rf"^{key} = \[(.*?)\]", text, re.M | re.S).group(1) for key in ("dependencies", "dev")]
+    deps = [d for array in arrays for d in re.findall(r'"([^"]+)"', array)]
+print("\n".join(deps))
 PYEOF
 )
 key=$({ echo "$deps"; cat .ci/constraints.txt; "$PY" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
