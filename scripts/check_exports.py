@@ -19,13 +19,13 @@ def broken_exports(package: str = "cmw_transfer") -> list[str]:
     for name in names:
         try:
             module = importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - report every failure, not the first
+        except Exception as exc:
             problems.append(f"{name}: import fails: {exc.__class__.__name__}: {exc}")
             continue
         for attr in getattr(module, "__all__", ()):
             try:
                 getattr(module, attr)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 problems.append(f"{name}.{attr}: listed in __all__ but {exc.__class__.__name__}: {exc}")
     return problems
 

@@ -70,7 +70,7 @@ def smoke(command: str) -> str:
     for option, cap in SMOKE.items():
         pattern = re.compile(rf"(?<![\w-]){option}[ =](\d+)")
         if pattern.search(command):
-            command = pattern.sub(lambda m: f"{option} {min(int(m[1]), cap)}", command)
+            command = pattern.sub(lambda m, option=option, cap=cap: f"{option} {min(int(m[1]), cap)}", command)
         elif option in ADDED and args[0] in ("metatrain", "apply", "probe"):
             command = f"{command} {option} {cap}"
     return command
