@@ -84,3 +84,51 @@ def test_bad_counts(bad):
 def test_assign_rejects_unsorted_centers():
     with pytest.raises(ValueError):
         assign_families([1, 2], [5.0, 1.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_counts_with_ten_percent_noise_are_one_family(seed):
+    counts = np.random.default_rng(seed).integers(90, 111, 50)  # balanced, +-10% sampling noise
+    with pytest.warns(DegenerateScalesWarning, match="1 family"):
+        centers, fam = fit_families(counts, 3)
+    assert set(fam.tolist()) == {1}  # the middle head, as for a perfectly balanced set
+    assert np.all(np.diff(centers) > 0)
+    assert centers[1] == pytest.approx(counts.mean())
+
+
+def test_near_balanced_noisy_target_of_the_transfer_study_is_one_family():
+    counts = [121, 149, 135, 128, 140, 133, 125, 146, 131, 138]
+    with pytest.warns(DegenerateScalesWarning):
+        _, fam = fit_families(counts, 3)
+    assert set(fam.tolist()) == {1}
+
+
+def test_two_real_sizes_with_noise_take_the_outer_heads():
+    rng = np.random.default_rng(3)
+    counts = np.concatenate([rng.integers(95, 106, 6), rng.integers(380, 421, 6)])
+    with pytest.warns(DegenerateScalesWarning, match="2 family"):
+        _, fam = fit_families(counts, 3)
+    assert np.all(fam[:6] == 0) and np.all(fam[6:] == 2)
+
+
+@pytest.mark.parametrize("counts", [CIFAR_PMD_COUNTS, [135, 104, 81, 63, 49, 38, 29, 22, 17, 13],
+                                    [135, 119, 105, 93, 82, 72, 64, 56, 50, 45]])
+def test_real_families_are_kept(counts):
+    """The paper's CIFAR-10 PMD source (families 28% / 32% apart) and 10x / 3x long tails keep K=3 families."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        centers, fam = fit_families(counts, 3)
+    np.testing.assert_array_equal(fam, assign_families(counts, centers))
+    assert set(fam.tolist()) == {0, 1, 2}
+
+
+def test_merging_never_reorders_classes():
+    """Merged or not, a larger class never gets a smaller head than a smaller class."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        counts = rng.integers(1, 2000, rng.integers(3, 40))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateScalesWarning)
+            _, fam = fit_families(counts, 3)
+        order = np.argsort(counts, kind="stable")
+        assert np.all(np.diff(fam[order]) >= 0)

@@ -10,6 +10,15 @@ the heads whose ranks are spread evenly over ``0..K-1`` (``d = 1`` takes the mid
 "medium" for K=3; ``d = 2`` takes the smallest and the largest head). The unused heads receive placeholder
 centers strictly between (or beyond) their neighbours, so the centers stay strictly ascending and no class is
 ever nearest to a placeholder. A :class:`DegenerateScalesWarning` says so.
+
+Families must exist in the data, not in the noise of the counts: k-means always returns K clusters, also for a
+balanced dataset whose counts differ by a few percent (121..149 per class), and a class-aware net would then treat
+classes of the same true size differently. :func:`fit_families` therefore merges adjacent k-means clusters whose
+centers differ by less than ``MIN_RELATIVE_GAP`` (20%: sampling noise in the counts of a balanced set of a
+realistic size stays well inside it, while the paper's CIFAR-10 PMD families are 28% and 32% apart), from the
+closest pair up, and the remaining ``d < K`` families take spread head ranks by the rule above (a balanced set:
+the middle head). Meta-training and meta-test use the same function, so source and target families are built
+alike.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from sklearn.cluster import KMeans
 
 KMEANS_SEED = 0
 KMEANS_INITS = 10
+MIN_RELATIVE_GAP = 0.2
 
 
 class DegenerateScalesWarning(UserWarning):
@@ -101,7 +111,53 @@ def assign_families(class_sizes: Sequence[float] | np.ndarray, centers: Sequence
     return np.abs(sizes[:, None] - centers[None, :]).argmin(axis=1).astype(np.int64)
 
 
-def fit_families(class_counts: Sequence[float] | np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """``(centers, family_of_class)`` for a dataset's class counts: the meta-test re-clustering in one call."""
+def merge_close_families(
+    class_counts: Sequence[float] | np.ndarray, family: np.ndarray, min_gap: float = MIN_RELATIVE_GAP
+) -> np.ndarray:
+    """Relabel ``family`` (ascending ids) after merging adjacent families whose mean counts are within ``min_gap``.
+
+    Closest pair (by ratio of means) first; returns ascending family ids ``0..d-1``.
+    """
+    counts = _as_counts(class_counts)
+    groups = [np.flatnonzero(family == f) for f in np.unique(family)]
+    groups.sort(key=lambda g: counts[g].mean())
+    while len(groups) > 1:
+        means = np.array([counts[g].mean() for g in groups])
+        ratios = means[1:] / np.maximum(means[:-1], 1e-12)
+        i = int(np.argmin(ratios))
+        if ratios[i] >= 1.0 + min_gap:
+            break
+        groups[i:i + 2] = [np.concatenate(groups[i:i + 2])]
+    out = np.empty(counts.size, dtype=np.int64)
+    for f, g in enumerate(groups):
+        out[g] = f
+    return out
+
+
+def fit_families(
+    class_counts: Sequence[float] | np.ndarray, k: int = 3, *, min_gap: float = MIN_RELATIVE_GAP
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(centers, family_of_class)`` for a dataset's class counts: the meta-test re-clustering in one call.
+
+    k-means, then adjacent families closer than ``min_gap`` (relative) merged (module docstring). When fewer
+    than ``k`` families remain they take spread head ranks, with a :class:`DegenerateScalesWarning`; the
+    returned family of a class is then its head.
+    """
     centers = fit_scale_centers(class_counts, k)
-    return centers, assign_families(class_counts, centers)
+    family = assign_families(class_counts, centers)
+    if k == 1:
+        return centers, family
+    counts = _as_counts(class_counts)
+    merged = merge_close_families(counts, family, min_gap)
+    d = int(merged.max()) + 1
+    if d == np.unique(family).size:
+        return centers, family
+    heads = spread_head_ranks(d, k)
+    means = np.array([counts[merged == f].mean() for f in range(d)])
+    warnings.warn(
+        f"class sizes form {d} family(ies) for {k} heads (k-means clusters closer than {min_gap:.0%} merged): "
+        f"classes use heads {heads.tolist()} (see cmw_transfer.artifact.scales)",
+        DegenerateScalesWarning,
+        stacklevel=2,
+    )
+    return _fill_placeholders(heads, means, k), heads[merged].astype(np.int64)

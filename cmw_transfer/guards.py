@@ -1,0 +1,183 @@
+"""What keeps a frozen weighting net from wrecking a target run: warm-up, class floor, starvation, loss range.
+
+A net meta-trained on one source is applied to a target it never saw. Three things can go wrong, and each has a
+guard here, shared by the CLI trainers and the plug-in ``CMWLoss``:
+
+* **Too early.** A from-scratch model starts with every loss near ``ln C``, where a net trained on a half-fitted
+  source gives weights near 0: training freezes. :class:`WarmupGate` keeps plain CE until the net would give
+  the target's samples a mean weight of at least ``READY_FRACTION`` of what it gives a typical source sample
+  (its weight at the source's median loss), at the latest until ``AUTO_CAP`` of the run; never in epoch 1.
+* **A class switched off.** A head that down-weights everything (a wrong family, a regime the net never saw)
+  would starve whole classes. :func:`lift_class_floor` raises every class's mean weight in a batch to at least
+  ``floor`` times the batch mean by an increasing affine map of its weights (order inside the class kept);
+  :class:`ClassWeightMonitor` reports classes that stay far below the others.
+* **Out of range.** :class:`LossRangeMonitor` counts the losses the net sees outside the range it was trained on,
+  only in epochs where it is applied, summed over DDP ranks; a net without a recorded range is "unchecked".
+
+All per-step work is on-device tensor arithmetic (bincount, comparisons): no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+READY_FRACTION = 0.5
+AUTO_CAP = 0.25
+DEFAULT_CLASS_FLOOR = 0.5
+STARVED_FRACTION = 0.25
+RANGE_TOLERANCE = 0.01
+
+
+def lift_class_floor(weights: torch.Tensor, targets: torch.Tensor, num_classes: int, floor: float) -> torch.Tensor:
+    """Weights whose per-class batch mean is at least ``floor`` x the batch mean.
+
+    A class below the floor gets ``w + (1 - w) * a`` with ``a`` chosen so its mean reaches the floor exactly:
+    increasing in ``w`` (the ranking inside the class is kept) and inside [0, 1]. Classes at or above the floor
+    are untouched. ``floor = 0`` is the identity.
+    """
+    if floor <= 0 or weights.numel() == 0:
+        return weights
+    w = weights.float()
+    counts = torch.bincount(targets, minlength=num_classes).to(w.dtype)
+    sums = torch.bincount(targets, weights=w, minlength=num_classes)
+    means = sums / counts.clamp_min(1)
+    target = min(float(floor), 1.0) * w.mean()
+    lift = ((target - means) / (1 - means).clamp_min(1e-12)).clamp(min=0.0, max=1.0)
+    a = lift[targets]
+    return (w + (1 - w) * a).to(weights.dtype)
+
+
+def reference_weight(net: torch.nn.Module, loss_range: dict | None, heads: torch.Tensor) -> float | None:
+    """The net's mean weight, over the heads the target uses, at the source's median loss (None: no range)."""
+    if not loss_range or "p50" not in loss_range:
+        return None
+    heads = torch.unique(heads.cpu())
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        w = net(torch.full((heads.numel(),), float(loss_range["p50"]), device=device), heads.to(device))
+    return float(w.mean())
+
+
+@dataclass
+class WarmupGate:
+    """Decides, epoch by epoch, whether the frozen net is applied (``mode``: ``"auto"`` or a fixed epoch count).
+
+    In ``auto`` mode the epochs before the net is applied accumulate (on device) the mean weight the net *would*
+    give; after an epoch whose mean reaches ``READY_FRACTION x reference``, weighting starts with the next one.
+    ``start_epoch`` (1-based: the first weighted epoch) is what the run logs and saves.
+    """
+
+    mode: str | int
+    epochs: int
+    reference: float | None = None
+    start_epoch: int | None = None
+    _sum: torch.Tensor | None = field(default=None, repr=False)
+    _count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode != "auto":
+            self.start_epoch = int(self.mode) + 1
+        elif self.reference is None:  # no recorded loss range: a fixed share of the run
+            self.start_epoch = self.cap_epoch
+
+    @property
+    def cap_epoch(self) -> int:
+        return max(2, math.ceil(AUTO_CAP * self.epochs) + 1)
+
+    def applies(self, epoch: int) -> bool:
+        """Is the net applied in (1-based) ``epoch``?"""
+        return self.start_epoch is not None and epoch >= self.start_epoch
+
+    def observe(self, would_be_weights: torch.Tensor) -> None:
+        w = would_be_weights.detach().float().sum()
+        self._sum = w if self._sum is None else self._sum + w
+        self._count += would_be_weights.numel()
+
+    def end_epoch(self, epoch: int) -> float | None:
+        """Close (1-based) ``epoch``; returns its mean would-be weight (None when nothing was observed)."""
+        mean = float(self._sum) / self._count if self._sum is not None and self._count else None
+        self._sum, self._count = None, 0
+        if self.start_epoch is None:
+            ready = mean is not None and self.reference is not None and mean >= READY_FRACTION * self.reference
+            if ready or epoch + 1 >= self.cap_epoch:
+                self.start_epoch = epoch + 1
+        return mean
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "epochs": self.epochs, "reference": self.reference, "start_epoch": self.start_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_epoch = state["start_epoch"]
+
+
+class ClassWeightMonitor:
+    """Per-class sums of applied weights over an epoch (on device); names the classes left far below the rest."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.sums = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+
+    def observe(self, weights: torch.Tensor, targets: torch.Tensor) -> None:
+        self.sums += torch.bincount(targets, weights=weights.detach().double(), minlength=self.num_classes)
+        self.counts += torch.bincount(targets, minlength=self.num_classes).double()
+
+    def reduce(self) -> None:
+        """Sum over DDP ranks (no-op without an initialised process group)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+            torch.distributed.all_reduce(self.counts)
+
+    def class_means(self) -> list[float | None]:
+        return [None if c == 0 else s / c for s, c in zip(self.sums.tolist(), self.counts.tolist())]
+
+    def starved(self, fraction: float = STARVED_FRACTION) -> list[int]:
+        """Classes whose mean weight is below ``fraction`` x the median class mean."""
+        means = [m for m in self.class_means() if m is not None]
+        if not means:
+            return []
+        median = sorted(means)[len(means) // 2]
+        return [c for c, m in enumerate(self.class_means()) if m is not None and m < fraction * median]
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+
+class LossRangeMonitor:
+    """Fraction of the losses the net sees outside the range it was meta-trained on; summed over ranks."""
+
+    def __init__(self, loss_range: dict | None, device: torch.device | str = "cpu") -> None:
+        self.low = self.high = None
+        if loss_range:
+            self.low = loss_range.get("min", loss_range.get("p1"))
+            self.high = loss_range.get("max", loss_range.get("p99"))
+        self.stats = torch.zeros(2, dtype=torch.float64, device=device)  # outside, total
+
+    @property
+    def checked(self) -> bool:
+        return self.low is not None and self.high is not None
+
+    def observe(self, losses: torch.Tensor) -> None:
+        if not self.checked:
+            return
+        losses = losses.detach()
+        outside = ((losses < self.low) | (losses > self.high)).sum()
+        self.stats += torch.stack([outside.double(), torch.tensor(float(losses.numel()), device=losses.device,
+                                                                  dtype=torch.float64)])
+
+    def report(self) -> dict:
+        """``{"loss_range_check": "unchecked"}`` or the fraction outside (reduced over ranks), then reset."""
+        if not self.checked:
+            return {"loss_range_check": "unchecked"}
+        stats = self.stats.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        self.stats.zero_()
+        outside, total = stats.tolist()
+        if not total:
+            return {}
+        return {"loss_range_check": "checked", "frac_outside_range": outside / total}

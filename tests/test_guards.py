@@ -1,0 +1,143 @@
+"""The guards that keep a frozen net from wrecking a target run (cmw_transfer.guards)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cmw_transfer import CMWNet
+from cmw_transfer.guards import (
+    AUTO_CAP,
+    READY_FRACTION,
+    ClassWeightMonitor,
+    LossRangeMonitor,
+    WarmupGate,
+    lift_class_floor,
+    reference_weight,
+)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_class_floor_lifts_every_class_and_keeps_the_order_inside_it(seed):
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, 6, (200,), generator=g)
+    weights = torch.rand(200, generator=g)
+    weights[targets == 2] *= 0.01  # a class the net all but switches off
+    floor = 0.5
+    lifted = lift_class_floor(weights, targets, 6, floor)
+    assert ((lifted >= 0) & (lifted <= 1)).all()
+    batch_mean = weights.mean()
+    for c in range(6):
+        member = targets == c
+        if not member.any():
+            continue
+        assert lifted[member].mean() >= floor * batch_mean - 1e-6
+        order, lifted_order = torch.argsort(weights[member]), torch.argsort(lifted[member])
+        assert torch.equal(order, lifted_order)  # strictly increasing map: the same ranking
+        if weights[member].mean() >= floor * batch_mean:
+            assert torch.equal(lifted[member], weights[member])  # classes above the floor are untouched
+
+
+def test_class_floor_zero_is_the_identity():
+    w, y = torch.rand(50), torch.randint(0, 3, (50,))
+    assert torch.equal(lift_class_floor(w, y, 3, 0.0), w)
+
+
+def _loss_stream(start, end, epochs):
+    """Per-epoch would-be weights of a target whose losses fall from ln C towards the source's regime."""
+    return np.linspace(start, end, epochs)
+
+
+def test_warmup_gate_waits_for_the_net_to_trust_the_target():
+    gate = WarmupGate("auto", epochs=40, reference=0.8)
+    means = _loss_stream(0.05, 0.8, 40)  # mean weight the net would give, epoch by epoch
+    started = None
+    for epoch, m in enumerate(means, start=1):
+        assert gate.applies(epoch) == (started is not None and epoch >= started)
+        if not gate.applies(epoch):
+            gate.observe(torch.full((64,), float(m)))
+        gate.end_epoch(epoch)
+        if started is None and gate.start_epoch is not None:
+            started = gate.start_epoch
+    first_ready = 1 + int(np.argmax(means >= READY_FRACTION * 0.8))
+    assert started == min(first_ready + 1, gate.cap_epoch)
+
+
+def test_warmup_gate_cap_and_never_the_first_epoch():
+    gate = WarmupGate("auto", epochs=20, reference=0.9)
+    for epoch in range(1, 21):
+        if not gate.applies(epoch):
+            gate.observe(torch.full((8,), 0.01))  # never ready
+        gate.end_epoch(epoch)
+    assert gate.start_epoch == gate.cap_epoch == int(np.ceil(AUTO_CAP * 20)) + 1
+    ready_at_once = WarmupGate("auto", epochs=20, reference=0.1)
+    assert not ready_at_once.applies(1)
+    ready_at_once.observe(torch.ones(8))
+    ready_at_once.end_epoch(1)
+    assert ready_at_once.start_epoch == 2
+
+
+def test_warmup_gate_fixed_count_and_no_range():
+    assert WarmupGate(3, epochs=10).start_epoch == 4
+    assert WarmupGate(0, epochs=10).applies(1)
+    no_range = WarmupGate("auto", epochs=40, reference=None)
+    assert no_range.start_epoch == no_range.cap_epoch
+
+
+def test_reference_weight_is_the_net_at_the_source_median():
+    net = CMWNet(hidden_size=8, num_heads=3)
+    heads = torch.tensor([0, 2, 2])
+    ref = reference_weight(net, {"p50": 0.3}, heads)
+    expected = net(torch.tensor([0.3, 0.3]), torch.tensor([0, 2])).mean().item()
+    assert ref == pytest.approx(expected)
+    assert reference_weight(net, None, heads) is None
+
+
+def test_class_weight_monitor_names_the_starved_class():
+    mon = ClassWeightMonitor(4)
+    y = torch.arange(4).repeat(25)
+    w = torch.where(y == 3, 0.02, 0.6)
+    mon.observe(w, y)
+    assert mon.starved() == [3]
+    assert mon.class_means()[0] == pytest.approx(0.6)
+
+
+def test_loss_range_monitor_unchecked_without_range():
+    mon = LossRangeMonitor(None)
+    mon.observe(torch.rand(10))
+    assert mon.report() == {"loss_range_check": "unchecked"}
+    mon = LossRangeMonitor({"min": 0.1, "max": 1.0})
+    mon.observe(torch.tensor([0.05, 0.5, 0.7, 2.0]))
+    assert mon.report()["frac_outside_range"] == pytest.approx(0.5)
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        rng = LossRangeMonitor({"min": 0.0, "max": 1.0})
+        rng.observe(torch.tensor([2.0, 2.0, 2.0]) if rank == 0 else torch.tensor([0.5]))  # 3 of 4 outside
+        mon = ClassWeightMonitor(2)
+        mon.observe(torch.tensor([1.0]) if rank == 0 else torch.tensor([0.0]), torch.tensor([rank]))
+        mon.reduce()
+        out[rank] = (rng.report()["frac_outside_range"], mon.class_means())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_range_and_class_means_are_reduced_over_ranks():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        frac, means = out[rank]
+        assert frac == pytest.approx(0.75)  # rank 0 alone would say 1.0, rank 1 alone 0.0
+        assert means == [1.0, 0.0]
