@@ -154,6 +154,11 @@ def card_data(net: CMWNet, metrics: dict[str, Any] | None) -> ModelCardData:
                          eval_results=results)
 
 
+def as_text(model_card: ModelCard) -> str:
+    """The README.md bytes of a card: its text with exactly one final newline."""
+    return str(model_card).rstrip("\n") + "\n"
+
+
 def render_model_card(net: CMWNet, *, metrics: dict[str, Any] | None = None, spec: str | None = None,
                       curves_file: str = "curves.png") -> ModelCard:
     """The card as a ``huggingface_hub.ModelCard``; ``metrics`` is the source run's final row (metrics.jsonl)."""

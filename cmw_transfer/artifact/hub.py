@@ -63,7 +63,7 @@ def save_pretrained(model: CMWNet, save_directory: str | os.PathLike, *, config:
     card_kwargs = dict(model_card_kwargs or {})
     if not readme.exists():  # as the mixin: a card already there (perhaps hand-edited) is kept
         card_kwargs.setdefault("metrics", card.final_metrics(directory))
-        write_text(readme, str(model.generate_model_card(**card_kwargs)))
+        write_text(readme, card.as_text(model.generate_model_card(**card_kwargs)))
     if not push_to_hub:
         return None
     if config is not None:
