@@ -159,11 +159,11 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
 
     from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
     from cmw_transfer.trainer.apply import ApplyConfig, run_apply
+    from cmw_transfer.trainer.oltr import parse_open_classes
 
-    configure_threads(options.pop("threads"), local_world_size())  # type: ignore[arg-type]
+    configure_threads(options.pop("threads"), local_world_size())  # type: ignore[arg-type]  (per rank)
     if options["workers"] is None:
         options["workers"] = default_workers(local_world_size())
-    from cmw_transfer.trainer.oltr import parse_open_classes
 
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
     options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
