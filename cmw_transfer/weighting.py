@@ -110,7 +110,7 @@ class CMWLoss(nn.Module):
     def from_net(cls, net: CMWNet, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch", *,
                  process_group: Any = None, **kwargs: Any) -> CMWLoss:
         """Families re-fitted on ``class_counts``; under torch.distributed, first checks that every rank of
-        ``process_group`` (default: the world) passed the same counts."""
+        ``process_group`` (default: the world) passed the same counts (a collective: build it on every rank)."""
         check_same_across_ranks(class_counts, process_group)
         return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)
 
