@@ -1,11 +1,15 @@
-"""Atomic file output: readers see the old file or the new one, never half of one."""
+"""Atomic file output: readers see the old file or the new one, never half of one.
+
+The temporary file is created with mode 0666 minus the umask, as ``open()`` would create the final file
+(``tempfile.mkstemp`` would make every output 0600, unreadable to a team on shared storage).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +20,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temporary(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -26,6 +28,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new, empty ``.NAME.XXXX.tmp`` beside ``path``, created exclusively with the umask applied."""
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

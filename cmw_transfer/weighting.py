@@ -1,6 +1,7 @@
 """Weighting per-sample losses with a CMW-Net on a given dataset: the plug-in API.
 
-``CMWLoss`` is the three-line integration for users who keep their own training loop::
+``CMWLoss`` is the three-line integration for users who keep their own training loop, a drop-in for timm's
+``CrossEntropyLoss`` / ``LabelSmoothingCrossEntropy`` / ``SoftTargetCrossEntropy``::
 
     criterion = CMWLoss.from_spec("pretrained:cmwnet-digits-pmd", class_counts=train_set.class_counts())
     loss = criterion(model(x), y)       # weighted cross-entropy, the net frozen
@@ -8,11 +9,25 @@
 
 The families are re-fitted on *this* dataset's class counts (meta-test re-clustering) and each class uses the
 head of the same size rank. The net receives the detached loss, so no gradient flows into it.
+
+Targets may be class indices ``[B]`` (``ignore_index`` honoured, ``label_smoothing`` as in
+``torch.nn.functional.cross_entropy``) or a target distribution ``[B, C]`` (timm ``Mixup`` / CutMix output). For a
+distribution ``q`` the loss is the cross-entropy against ``q`` and the weight is the expectation of the net over
+the classes of ``q``: ``w = sum_c q_c * V(loss, family(c))``. It is linear in ``q``, so a one-hot ``q`` gives the
+hard-label weight exactly, and a mixup of two labels blends their two heads.
+
+Outside a torch loop, :func:`sample_weights` maps numpy losses and labels to weights (cleanlab style).
+
+Distributed training: every rank must build the criterion from the *same* ``class_counts`` (the global counts),
+or the ranks weight with different families; ``check_same_across_ranks`` (or ``from_spec(...,
+process_group=...)``) verifies it. With ``normalization="sum"`` the denominator ``sum(w)`` is per rank (each
+rank normalises its own batch; DDP then averages the gradients), as ``"batch"`` divides by the per-rank batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +35,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from cmw_transfer.artifact.net import CMWNet
-from cmw_transfer.artifact.scales import fit_families
+from cmw_transfer.errors import UserError
 
 NORMALIZATIONS = ("batch", "sum", "none")
 
@@ -33,7 +48,7 @@ def loss_coefficients(weights: torch.Tensor, mode: str) -> torch.Tensor:
     ``none``: plain sum of w * loss (scales the step with the batch size; for completeness).
     """
     if mode == "batch":
-        return weights / weights.shape[0]
+        return weights / max(weights.shape[0], 1)
     if mode == "sum":
         return weights / weights.sum().clamp_min(1e-12)
     if mode == "none":
@@ -41,32 +56,118 @@ def loss_coefficients(weights: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown weight normalisation '{mode}', expected one of {NORMALIZATIONS}")
 
 
+def _fit_families(class_counts: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
+    from cmw_transfer.artifact.scales import fit_families
+
+    return fit_families(class_counts, k)[1]
+
+
+def check_same_across_ranks(class_counts: Sequence[float] | np.ndarray | torch.Tensor,
+                            process_group: Any = None) -> None:
+    """Raise ``UserError`` on every rank unless all ranks of ``process_group`` hold identical ``class_counts``.
+
+    A no-op without an initialised ``torch.distributed`` process group. Collective: call it on every rank.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = torch.device("cpu")
+    if dist.get_backend(process_group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    counts = torch.as_tensor(np.asarray(class_counts, dtype=np.float64).reshape(-1), device=device)
+    size = torch.tensor([counts.numel(), -counts.numel()], dtype=torch.float64, device=device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX, group=process_group)
+    if size[0] != -size[1]:
+        raise UserError(f"class_counts differ across ranks: between {int(-size[1])} and {int(size[0])} classes; "
+                        "pass the global training-set counts on every rank")
+    low, high = counts.clone(), counts.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=process_group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=process_group)
+    differ = torch.nonzero(low != high).reshape(-1)
+    if differ.numel():
+        raise UserError(f"class_counts differ across ranks for {differ.numel()} class(es) (first: class "
+                        f"{int(differ[0])}); pass the global training-set counts on every rank, not a shard's")
+
+
 class CMWLoss(nn.Module):
     """Frozen-net weighted cross-entropy; holds the class -> family map of the target dataset."""
 
     def __init__(self, net: CMWNet, family_of_class: Sequence[int] | np.ndarray | torch.Tensor,
-                 normalization: str = "batch") -> None:
+                 normalization: str = "batch", *, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown weight normalisation '{normalization}', expected one of {NORMALIZATIONS}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.net = net.eval().requires_grad_(False)
         self.normalization = normalization
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
         self.register_buffer("family_of_class", torch.as_tensor(np.asarray(family_of_class), dtype=torch.long))
 
     @classmethod
-    def from_net(cls, net: CMWNet, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch") -> CMWLoss:
-        _, families = fit_families(class_counts, net.num_heads)
-        return cls(net, families, normalization)
+    def from_net(cls, net: CMWNet, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch", *,
+                 process_group: Any = None, **kwargs: Any) -> CMWLoss:
+        """Families re-fitted on ``class_counts``; under torch.distributed, first checks that every rank of
+        ``process_group`` (default: the world) passed the same counts (a collective: build it on every rank)."""
+        check_same_across_ranks(class_counts, process_group)
+        return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)
 
     @classmethod
-    def from_spec(cls, spec: str, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch") -> CMWLoss:
-        return cls.from_net(CMWNet.from_pretrained(spec), class_counts, normalization)
+    def from_spec(cls, spec: str, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch", *,
+                  process_group: Any = None, **kwargs: Any) -> CMWLoss:
+        """``from_net`` on ``CMWNet.from_pretrained(spec)``; keywords: ``ignore_index``, ``label_smoothing``."""
+        return cls.from_net(CMWNet.from_pretrained(spec), class_counts, normalization, process_group=process_group,
+                            **kwargs)
 
     @torch.no_grad()
     def weights(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Raw per-sample weights in [0, 1] for per-sample losses under (observed) integer targets."""
-        return self.net(losses.detach(), self.family_of_class[targets])
+        """Raw per-sample weights in [0, 1] for per-sample losses under (observed) targets: class indices, or a
+        target distribution ``[B, C]`` (expected weight over its classes, see the module docstring)."""
+        losses = losses.detach()
+        if targets.is_floating_point():
+            per_head = torch.stack([self.net(losses, torch.full_like(losses, k, dtype=torch.long))
+                                    for k in range(self.net.num_heads)], dim=1)  # [B, K]
+            per_class = per_head[:, self.family_of_class]  # [B, C]
+            return (targets.to(per_class.dtype) * per_class).sum(dim=1)
+        return self.net(losses, self.family_of_class[targets])
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        losses = F.cross_entropy(logits, targets, reduction="none")
+        if targets.is_floating_point():
+            if targets.shape != logits.shape:
+                raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got "
+                                 f"{tuple(targets.shape)}")
+        else:
+            keep = targets != self.ignore_index
+            if not bool(keep.all()):
+                logits, targets = logits[keep], targets[keep]
+        if logits.shape[0] == 0:  # every sample ignored: a zero that still has a graph
+            return logits.sum() * 0.0
+        losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
         return (loss_coefficients(self.weights(losses, targets), self.normalization) * losses).sum()
+
+
+def sample_weights(losses: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                   class_counts: Sequence[float] | np.ndarray, net: CMWNet | str) -> np.ndarray:
+    """Per-sample weights in [0, 1] as a numpy array, for users outside a torch training loop.
+
+    ``losses``: per-sample training losses ``[N]``; ``labels``: observed class indices ``[N]`` or target
+    distributions ``[N, C]``; ``class_counts``: samples per class of the training set (families are fitted on
+    it); ``net``: a ``CMWNet`` or a weights spec (``pretrained:NAME``, ``hub:org/name``, a directory).
+    """
+    model = CMWNet.from_pretrained(net) if isinstance(net, str) else net
+    losses_arr = np.asarray(losses, dtype=np.float32).reshape(-1)
+    labels_arr = np.asarray(labels)
+    if labels_arr.shape[0] != losses_arr.shape[0]:
+        raise ValueError(f"{losses_arr.shape[0]} losses but {labels_arr.shape[0]} labels")
+    if not np.all(np.isfinite(losses_arr)):
+        raise ValueError("losses must be finite")
+    counts = np.asarray(class_counts)
+    if labels_arr.ndim == 1 and labels_arr.size and (labels_arr.min() < 0 or labels_arr.max() >= counts.size):
+        raise ValueError(f"labels must lie in [0, {counts.size}) (one count per class), got "
+                         f"{labels_arr.min()}..{labels_arr.max()}")
+    criterion = CMWLoss(model, _fit_families(counts, model.num_heads))
+    device = next(model.parameters()).device
+    targets = torch.as_tensor(labels_arr if labels_arr.ndim == 2 else labels_arr.astype(np.int64), device=device)
+    return criterion.weights(torch.as_tensor(losses_arr, device=device), targets).cpu().numpy()

@@ -43,7 +43,8 @@ def test_roundtrip_directory_bit_exact(tmp_path):
     net = make_net()
     net.provenance = {"source": "digits-pmd", "seed": 3}
     net.save_pretrained(tmp_path / "net")
-    assert {p.name for p in (tmp_path / "net").iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    assert {p.name for p in (tmp_path / "net").iterdir()} == {"model.safetensors", "config.json", "README.md",
+                                                          "curves.png"}
     loaded = CMWNet.from_pretrained(str(tmp_path / "net"))
     for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)

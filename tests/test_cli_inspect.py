@@ -64,3 +64,38 @@ def test_help_and_version(capsys):
     out = _main(capsys, "--help")
     assert out.returncode == 0 and "metatrain" in out.stdout and "apply" in out.stdout
     assert _main(capsys, "--version").stdout.startswith("cmw-transfer ")
+
+
+def test_inspect_names_the_provenance_method(tmp_path, capsys):
+    net = make_net()
+    net.provenance = {"source": "digits-pmd", "method": "cmwnet-sl", "note": "red\x1b[31m\nforged: line"}
+    net.save_pretrained(tmp_path / "sl")
+    out = _main(capsys, "inspect", "--weights", str(tmp_path / "sl"))
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert [line for line in lines if line.startswith("method:")] == [
+        "method:         cmwnet-sl (K=3, hidden=16, format v1)"]
+    assert "\x1b" not in out.stdout and not any(line.startswith("forged") for line in lines)
+
+
+def test_bare_command_prints_the_help_and_unknown_command_hint(capsys):
+    out = _main(capsys)
+    assert out.returncode == 0 and out.stdout.startswith("Usage: cmw-transfer") and "metatrain" in out.stdout
+    assert out.stderr == ""
+    _assert_one_line_error(_main(capsys, "bogus"), "(see cmw-transfer --help)")
+    assert "cmw-transfer cmw-transfer" not in _main(capsys, "bogus").stderr
+
+
+def test_help_does_not_import_torch():
+    """--help of the group and of the subcommands stays light (timed in scripts/bench_cli_help.py). metatrain's
+    option table still imports its trainer module (torch) and is left out until the engine makes it torch-free."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom cmw_transfer.cli import main\n"
+             "for cmd in ([], ['inspect'], ['push'], ['data'], ['apply']):\n"
+             "    try:\n        main([*cmd, '--help'])\n    except SystemExit:\n        pass\n"
+             "print('HEAVY', [m for m in ('torch', 'sklearn', 'huggingface_hub', 'timm') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "HEAVY []", out.stdout[-500:]

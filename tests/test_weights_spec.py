@@ -107,10 +107,14 @@ def test_installed_wheel_ships_pretrained(tmp_path):
     shutil.copytree(repo, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", "tests",
                                                             "runs", ".venv", "scripts"))
     make_net().save_pretrained(src / "pretrained" / "cmwnet-wheel")
+    (src / "pretrained" / "cmwnet-wheel" / "metrics.jsonl").write_text("{}\n")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     wheel = next((tmp_path / "dist").glob("cmw_transfer-*.whl"))
+    shipped = zipfile.ZipFile(wheel).namelist()
+    assert "cmw_transfer_pretrained/cmwnet-wheel/model.safetensors" in shipped
+    assert not [n for n in shipped if n.endswith(("metrics.jsonl", "run.json"))]  # the card carries the metrics
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     probe = ("from cmw_transfer.weights.spec import list_pretrained; from cmw_transfer import CMWNet; "
              "print(list_pretrained()); print(CMWNet.from_pretrained('pretrained:cmwnet-wheel').centers)")

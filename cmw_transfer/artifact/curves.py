@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.atomic import atomic_path
-
-if TYPE_CHECKING:
-    from cmw_transfer.artifact.net import CMWNet
 
 TABLE_LOSSES = (0.0, 0.5, 1.0, 2.0, 3.0, 6.0, 10.0)
 
@@ -35,6 +32,13 @@ def curves_table(net: CMWNet, losses: tuple[float, ...] = TABLE_LOSSES) -> dict[
             for name, row in zip(family_names(net.num_heads), weights)}
 
 
+def default_title(net: CMWNet) -> str:
+    prov = net.provenance or {}
+    if "method" in prov and "source" in prov:
+        return f"{prov['method']} on {prov['source']}"
+    return str(prov.get("source", "CMW-Net weighting curves"))
+
+
 def plot_curves(net: CMWNet, path: str | Path, title: str | None = None) -> None:
     """Draw weight vs loss for every family and write a PNG atomically."""
     import matplotlib
@@ -54,7 +58,7 @@ def plot_curves(net: CMWNet, path: str | Path, title: str | None = None) -> None
     ax.set_xlabel("per-sample training loss")
     ax.set_ylabel("weight")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title or str(net.provenance.get("source", "CMW-Net weighting curves")))
+    ax.set_title(title or default_title(net))
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

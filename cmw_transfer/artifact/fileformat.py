@@ -9,21 +9,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from cmw_transfer.artifact.net import FORMAT_VERSION, CMWNet
 from cmw_transfer.atomic import atomic_path
 from cmw_transfer.errors import UserError
 
-if TYPE_CHECKING:
-    from cmw_transfer.artifact.net import CMWNet
-
-FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+CURVES_NAME = "curves.png"
+ARTIFACT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVES_NAME)  # what a net directory publishes, nothing else
 CONFIG_KEY = "cmw_transfer.config"
 VERSION_KEY = "cmw_transfer.format_version"
 REQUIRED_CONFIG = ("hidden_size", "num_heads", "centers", "format_version")
@@ -113,10 +113,34 @@ def validate_config(config: dict[str, Any], *, source: str) -> None:
         raise UserError(f"{source}: centers must be {heads} finite numbers (one per head), got {centers!r}")
     if any(b <= a for a, b in zip(centers, centers[1:])):
         raise UserError(f"{source}: centers must be strictly ascending (head i = i-th smallest), got {centers}")
+    provenance = config.get("provenance")
+    if provenance is not None and not (isinstance(provenance, dict) and all(isinstance(k, str) for k in provenance)):
+        raise UserError(f"{source}: provenance must be a JSON object (field -> value), got "
+                        f"{type(provenance).__name__} {_short(provenance)}: {_fix_hint(Path(source))}")
     loss_range = config.get("loss_range")
     if loss_range is not None and (not isinstance(loss_range, dict) or not all(
             isinstance(v, int | float) and math.isfinite(v) for v in loss_range.values())):
         raise UserError(f"{source}: loss_range must map names to finite numbers, got {loss_range!r}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_side_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict; not UTF-8, not JSON or not an object (``5``, ``null``, a string) is a UserError."""
+    try:
+        side = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: {_fix_hint(path.parent)}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}): {_fix_hint(path.parent)}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(side, dict):
+        raise UserError(f"{path} must hold a JSON object, got {_short(side)}: {_fix_hint(path.parent)}")
+    return side
 
 
 def validate_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], *, source: str) -> None:
@@ -134,18 +158,17 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], *
             raise UserError(f"{source}: {name} contains NaN or inf values; the net is unusable, re-train it")
 
 
-def load_net(cls: type[CMWNet], path: Path) -> CMWNet:
-    """Validated load of a directory or a lone .safetensors file."""
+def load_net(cls: type[CMWNet], path: Path, config_path: Path | None = None) -> CMWNet:
+    """Validated load of a directory or a lone .safetensors file; ``config_path`` is the config.json to check
+    against the header (default: the one in the directory, if any)."""
     config, tensors = read_header(path)
     source = str(path)
     validate_config(config, source=source)
     validate_tensors(tensors, config, source=source)
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
-        try:
-            side = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path / CONFIG_NAME} is not valid JSON ({exc.msg}): {_fix_hint(path)}") from None
-        check_config_agrees(config, side, source=source)
+    if config_path is None and path.is_dir() and (path / CONFIG_NAME).is_file():
+        config_path = path / CONFIG_NAME
+    if config_path is not None:
+        check_config_agrees(config, read_side_config(config_path), source=source)
     net = cls(**{k: config.get(k) for k in ("hidden_size", "num_heads", "centers", "loss_range", "provenance",
                                             "format_version")})
     net.load_state_dict(tensors, strict=True)

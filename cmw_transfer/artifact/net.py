@@ -3,6 +3,10 @@
 A shared trunk ``Linear(1->H) + ReLU`` feeds K heads ``Linear(H->1) + Sigmoid``. The K heads are stored as the
 rows of one ``Linear(H->K)`` so that choosing a head per sample is one gather, not a Python loop. Row ``i`` is
 the head for the ``i``-th smallest class-size center (see :mod:`cmw_transfer.artifact.scales`).
+
+This module is the bottom of :mod:`cmw_transfer.artifact`: the file format, the model card and the curves import
+it, never the reverse. The Hub mixin's persistence methods are declared here (users call them on the class) and
+served by :mod:`cmw_transfer.artifact.hub`, which registers itself when the package is imported.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -17,10 +22,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from cmw_transfer.artifact import fileformat
-from cmw_transfer.weights.spec import WeightsSpec, parse_weights_spec, pretrained_path
-
-FORMAT_VERSION = fileformat.FORMAT_VERSION
+FORMAT_VERSION = 1
 
 
 class CMWNet(
@@ -96,48 +98,59 @@ class CMWNet(
             net.loss_range = dict(loss_range)
         return net
 
-    # -- persistence (Hub layout: model.safetensors + config.json + README.md) -------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str | None:  # type: ignore[override]
-        return super().save_pretrained(save_directory, config=self.config(), **kwargs)
+    # -- persistence: the mixin's hooks, served by cmw_transfer.artifact.hub (see ``register_backend``) ----------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, config: dict[str, Any] | None = None,  # type: ignore[override]
+                        repo_id: str | None = None, push_to_hub: bool = False,
+                        model_card_kwargs: dict[str, Any] | None = None, **push_to_hub_kwargs: Any) -> str | None:
+        """The mixin's ``save_pretrained``: model.safetensors, config.json, curves.png and (unless one is already
+        there) README.md; ``config`` adds keys to config.json; ``push_to_hub=True`` then calls :meth:`push_to_hub`."""
+        return _backend().save_pretrained(self, save_directory, config=config, repo_id=repo_id,
+                                          push_to_hub=push_to_hub, model_card_kwargs=model_card_kwargs,
+                                          **push_to_hub_kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from cmw_transfer.artifact.card import render_model_card
-        from cmw_transfer.atomic import write_json, write_text
+        _backend().save_files(self, Path(save_directory))
 
-        fileformat.save_net(self, save_directory / fileformat.WEIGHTS_NAME)
-        write_json(save_directory / fileformat.CONFIG_NAME, self.config())
-        write_text(save_directory / "README.md", render_model_card(self))
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:  # type: ignore[override]
+        """The mixin's ``push_to_hub`` (same keywords); no network and no token are one-line ``UserError``s."""
+        return _backend().push_to_hub(self, repo_id, **kwargs)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        """A ``huggingface_hub.ModelCard`` for this net (deterministic: the same net gives the same bytes)."""
+        return _backend().generate_model_card(self, **kwargs)
 
     def save_safetensors(self, path: str | os.PathLike) -> None:
         """A lone, self-describing ``.safetensors`` file (the config travels in its header)."""
-        fileformat.save_net(self, Path(path))
+        _backend().save_safetensors(self, Path(path))
 
     @classmethod
-    def from_pretrained(cls, spec: str | os.PathLike | WeightsSpec, **kwargs: Any) -> CMWNet:  # type: ignore[override]
-        """Load a weights spec: a directory, a ``.safetensors`` file, ``hub:org/name[@rev]`` or ``pretrained:NAME``."""
-        parsed = spec if isinstance(spec, WeightsSpec) else parse_weights_spec(str(spec))
-        if parsed.kind == "hub":
-            from cmw_transfer.weights.hub import hub_errors_as_user_errors
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | Any,  # type: ignore[override]
+                        **kwargs: Any) -> CMWNet:
+        """Load a weights spec: a directory, a ``.safetensors`` file, ``hub:org/name[@rev]``, ``pretrained:NAME``,
+        or (as for every Hub mixin class) a bare ``org/name`` repo id when no such local path exists.
 
-            with hub_errors_as_user_errors(parsed):
-                return super().from_pretrained(parsed.target, revision=parsed.revision, **kwargs)
-        path = pretrained_path(parsed.target) if parsed.kind == "pretrained" else Path(parsed.target)
-        return fileformat.load_net(cls, path)
+        Keywords as the mixin's: ``revision``, ``cache_dir``, ``force_download``, ``local_files_only``, ``token``.
+        """
+        return _backend().from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: Any, force_download: bool,
-                         local_files_only: bool, token: Any, **config: Any) -> CMWNet:
-        from huggingface_hub import hf_hub_download
+                         local_files_only: bool, token: Any, **model_kwargs: Any) -> CMWNet:
+        return _backend().from_hub(cls, model_id, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, local_files_only=local_files_only, token=token,
+                                   **model_kwargs)
 
-        weights_file = hf_hub_download(
-            repo_id=model_id,
-            filename=fileformat.WEIGHTS_NAME,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-        )
-        net = fileformat.load_net(cls, Path(weights_file))
-        fileformat.check_config_agrees(net.config(), config, source=f"hub:{model_id}")
-        return net
+
+_BACKEND: list[ModuleType] = []
+
+
+def register_backend(module: ModuleType) -> None:
+    """Called by :mod:`cmw_transfer.artifact.hub` on import: it serves the persistence methods above, so this
+    module (the bottom of the package) imports neither the file format nor the model card."""
+    _BACKEND[:] = [module]
+
+
+def _backend() -> ModuleType:
+    if not _BACKEND:  # only reachable if cmw_transfer.artifact's __init__ was bypassed
+        raise RuntimeError("cmw_transfer.artifact.hub is not loaded; import cmw_transfer.artifact first")
+    return _BACKEND[0]

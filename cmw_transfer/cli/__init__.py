@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         rc = cli.main(args=argv, prog_name="cmw-transfer", standalone_mode=False)
     except UserError as exc:
         _fail(str(exc), 2)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare ``cmw-transfer``: the help, as ``--help`` prints it
+        click.echo(exc.ctx.get_help() if exc.ctx else cli.get_help(click.Context(cli, info_name="cmw-transfer")))
+        sys.exit(0)
     except click.exceptions.UsageError as exc:
-        hint = f" (see cmw-transfer {exc.ctx.command_path.split(' ', 1)[-1]} --help)" if exc.ctx else ""
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
         _fail(exc.format_message() + hint, 2)
     except click.exceptions.ClickException as exc:  # e.g. click.FileError
         _fail(exc.format_message(), 2)

@@ -60,6 +60,10 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
               help="Backbone: any timm model name, or small_cnn / cifar_resnet32.")
 @click.option("--img-size", type=int, default=None, help="Resize to this input size with timm's transforms "
                                                            "(default: file datasets 224, in-memory sets as stored).")
+@click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (Hugging Face cache; "
+                                                  "HF_HUB_OFFLINE=1 works with a populated cache).")
+@click.option("--initial-checkpoint", default=None, metavar="PATH",
+              help="Initialise the model from this state dict (.safetensors or torch.save, loaded weights-only).")
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Per process (global = N x this).")
 @click.option("--lr", type=float, default=0.1, show_default=True)
@@ -87,7 +91,10 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
 @click.option("--mixup-alpha", type=float, default=1.0, show_default=True, help="Beta(a, a) of the SL mixup.")
 @click.option("--teacher-decay", type=float, default=0.997, show_default=True, help="EMA decay of the SL teacher.")
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 + grad scaling on CUDA, bfloat16 on CPU).")
-@click.option("--workers", type=int, default=4, show_default=True, help="DataLoader workers per process.")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader workers per process.  [default: min(4, CPUs per process - 1)]")
+@click.option("--threads", type=int, default=None,
+              help="torch threads per process.  [default: OMP_NUM_THREADS, else CPUs / processes on this machine]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on an unreadable image instead of skipping it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch checkpoint.")
@@ -150,8 +157,13 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
 
+    from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
     from cmw_transfer.trainer.apply import ApplyConfig, run_apply
     from cmw_transfer.trainer.oltr import parse_open_classes
+
+    configure_threads(options.pop("threads"), local_world_size())  # type: ignore[arg-type]  (per rank)
+    if options["workers"] is None:
+        options["workers"] = default_workers(local_world_size())
 
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
     options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))

@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from cmw_transfer.artifact.curves import family_names
-from cmw_transfer.artifact.scales import fit_families
 from cmw_transfer.cli.options import emit
 from cmw_transfer.errors import UserError
 
@@ -26,6 +24,9 @@ MAX_LISTED_CLASSES = 20
 
 def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
     """The JSON-able summary ``data`` prints: counts, families, noise."""
+    from cmw_transfer.artifact.curves import family_names
+    from cmw_transfer.artifact.scales import fit_families
+
     counts = ds.class_counts()
     centers, family = fit_families(counts, k)
     names = family_names(k)

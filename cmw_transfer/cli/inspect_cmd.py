@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from cmw_transfer.artifact.curves import TABLE_LOSSES, curves_table, family_names, plot_curves
-from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.cli.options import emit, weights_option
+
+if TYPE_CHECKING:
+    from cmw_transfer.artifact.net import CMWNet
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: Any) -> str:
+    """Untrusted metadata for a terminal: control characters (ANSI escapes, newlines) shown escaped, not run."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+
+
+def net_method(net: CMWNet) -> str:
+    """The method the net was trained with: its provenance says (cmwnet-sl too), else the head count does."""
+    method = (net.provenance or {}).get("method")
+    if isinstance(method, str) and method:
+        return method
+    return "mwnet" if net.num_heads == 1 else "cmwnet"
 
 
 def describe(net: CMWNet, spec: str) -> dict:
+    from cmw_transfer.artifact.curves import curves_table, family_names
+
     return {
         "spec": spec,
-        "method": "mwnet" if net.num_heads == 1 else "cmwnet",
+        "method": net_method(net),
         "config": net.config(),
         "families": [{"head": i, "name": name, "center": c}
                      for i, (name, c) in enumerate(zip(family_names(net.num_heads), net.centers or []))],
@@ -23,12 +43,15 @@ def describe(net: CMWNet, spec: str) -> dict:
 
 
 def _print_text(info: dict) -> None:
+    from cmw_transfer.artifact.curves import TABLE_LOSSES
+
     cfg = info["config"]
-    click.echo(f"weights:        {info['spec']}")
-    click.echo(f"method:         {info['method']} (K={cfg['num_heads']}, hidden={cfg['hidden_size']}, "
+    click.echo(f"weights:        {printable(info['spec'])}")
+    click.echo(f"method:         {printable(info['method'])} (K={cfg['num_heads']}, hidden={cfg['hidden_size']}, "
                f"format v{cfg['format_version']})")
     for key, value in sorted((cfg.get("provenance") or {}).items()):
-        click.echo(f"{key + ':':<16}{value}")
+        if key != "method":  # already on the line above
+            click.echo(f"{printable(key) + ':':<16}{printable(value)}")
     if cfg.get("loss_range"):
         click.echo("loss range:     " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(cfg["loss_range"].items())))
     click.echo("families:")
@@ -47,6 +70,9 @@ def _print_text(info: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def inspect_cmd(weights_spec: str, plot_path: Path | None, as_json: bool) -> None:
     """Print a net's config, provenance, centers and weight per family over a loss grid."""
+    from cmw_transfer.artifact import CMWNet
+    from cmw_transfer.artifact.curves import plot_curves
+
     net = CMWNet.from_pretrained(weights_spec)
     info = describe(net, weights_spec)
     if plot_path is not None:

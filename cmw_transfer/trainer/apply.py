@@ -102,6 +102,8 @@ class ApplyConfig:
     imbalance: float | None = None
     model: str = "resnet18"
     img_size: int | None = None
+    pretrained: bool = False
+    initial_checkpoint: str | None = None
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1
@@ -612,6 +614,8 @@ class RunSetup:
 
 
 def _setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
+    from cmw_transfer.models import input_geometry
+
     out = Path(cfg.out)
     state = _prepare_out(cfg, out)
     _check_model_name(cfg.model)
@@ -666,7 +670,8 @@ def _setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
         is_clean = torch.as_tensor(train_ds.targets == train_ds.clean_targets, device=device)
     return RunSetup(cfg=cfg, ctx=ctx, out=out, state=state, net=net, families=families, criterion=criterion,
                     train_ds=train_ds, eval_sets=eval_sets, open_ds=open_ds, counts=counts, num_classes=num_classes,
-                    in_chans=getattr(train_ds, "input_shape", (3,))[0], train_loader=loader(train_ds, True),
+                    in_chans=input_geometry(getattr(train_ds, "input_shape", (3, 0, 0)), cfg.img_size)[0],
+                    train_loader=loader(train_ds, True),
                     eval_loaders=[(label, loader(ds, False)) for label, ds in eval_sets],
                     open_loader=loader(open_ds, False) if open_ds is not None else None, amp_dtype=amp_dtype,
                     scaler=scaler, is_clean=is_clean)
@@ -696,7 +701,10 @@ class ERMTrainer:
     def build_model(self) -> nn.Module:
         from cmw_transfer.models import create_model
 
-        return create_model(self.s.cfg.model, num_classes=self.s.num_classes, in_chans=self.s.in_chans)
+        cfg, shape = self.s.cfg, getattr(self.s.train_ds, "input_shape", None)
+        return create_model(cfg.model, num_classes=self.s.num_classes, in_chans=self.s.in_chans,
+                            pretrained=cfg.pretrained, checkpoint_path=cfg.initial_checkpoint, img_size=cfg.img_size,
+                            input_size=tuple(shape[1:]) if shape and cfg.img_size is None else None)
 
     def make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
         cfg = self.s.cfg
