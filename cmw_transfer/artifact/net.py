@@ -134,6 +134,13 @@ class CMWNet(
         return _backend().from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
     @classmethod
+    def from_official(cls, path: str | os.PathLike, **kwargs: Any) -> CMWNet:
+        """The authors' released net, converted: see :func:`cmw_transfer.artifact.official.from_official`."""
+        from cmw_transfer.artifact.official import from_official
+
+        return from_official(path, **kwargs)
+
+    @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: Any, force_download: bool,
                          local_files_only: bool, token: Any, **model_kwargs: Any) -> CMWNet:
         return _backend().from_hub(cls, model_id, revision=revision, cache_dir=cache_dir,

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "data": ("cmw_transfer.cli.data_cmd", "data_cmd", "Describe a dataset spec: counts, families, noise."),
     "metatrain": ("cmw_transfer.cli.metatrain_cmd", "metatrain_cmd", "Meta-train a weighting net on a biased source."),
     "apply": ("cmw_transfer.cli.apply_cmd", "apply_cmd", "Train a classifier with a frozen weighting net."),
+    "import": ("cmw_transfer.cli.import_cmd", "import_cmd", "Convert the authors' released net to an artifact."),
 }
 
 
