@@ -145,4 +145,11 @@ def from_hub(cls: type[CMWNet], repo_id: str, *, revision: str | None = None,
     return fileformat.load_net(cls, weights, config_path=config_path)
 
 
+def from_official(path: str | os.PathLike, **kwargs: Any) -> CMWNet:
+    """``CMWNet.from_official``: the converter lives above this layer and is imported only when used."""
+    from cmw_transfer.artifact.official import from_official as convert
+
+    return convert(path, **kwargs)
+
+
 net.register_backend(sys.modules[__name__])

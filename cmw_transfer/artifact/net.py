@@ -136,9 +136,7 @@ class CMWNet(
     @classmethod
     def from_official(cls, path: str | os.PathLike, **kwargs: Any) -> CMWNet:
         """The authors' released net, converted: see :func:`cmw_transfer.artifact.official.from_official`."""
-        from cmw_transfer.artifact.official import from_official
-
-        return from_official(path, **kwargs)
+        return _backend().from_official(path, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: Any, force_download: bool,
