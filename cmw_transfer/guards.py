@@ -122,6 +122,8 @@ class ClassWeightMonitor:
         self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
 
     def observe(self, weights: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.sums.device != weights.device:
+            self.sums, self.counts = self.sums.to(weights.device), self.counts.to(weights.device)
         self.sums += torch.bincount(targets, weights=weights.detach().double(), minlength=self.num_classes)
         self.counts += torch.bincount(targets, minlength=self.num_classes).double()
 
@@ -165,6 +167,8 @@ class LossRangeMonitor:
         if not self.checked:
             return
         losses = losses.detach()
+        if self.stats.device != losses.device:
+            self.stats = self.stats.to(losses.device)
         outside = ((losses < self.low) | (losses > self.high)).sum()
         self.stats += torch.stack([outside.double(), torch.tensor(float(losses.numel()), device=losses.device,
                                                                   dtype=torch.float64)])

@@ -18,6 +18,12 @@ hard-label weight exactly, and a mixup of two labels blends their two heads.
 
 Outside a torch loop, :func:`sample_weights` maps numpy losses and labels to weights (cleanlab style).
 
+Safe transfer (:mod:`cmw_transfer.guards`, the same pieces the CLI trainers use): ``warmup="auto"`` (with
+``epochs``) keeps plain CE until the net trusts the target's samples, ``min_class_weight`` keeps every class's
+mean weight in a batch at least that fraction of the batch mean, and :meth:`CMWLoss.end_epoch` (call it once per
+epoch) closes the epoch: it advances the warm-up and returns the epoch's per-class mean weights, the classes left
+far below the others and the loss-range check.
+
 Distributed training: every rank must build the criterion from the *same* ``class_counts`` (the global counts),
 or the ranks weight with different families; ``check_same_across_ranks`` (or ``from_spec(...,
 process_group=...)``) verifies it. With ``normalization="sum"`` the denominator ``sum(w)`` is per rank (each
@@ -36,6 +42,7 @@ from torch import nn
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
+from cmw_transfer.guards import ClassWeightMonitor, LossRangeMonitor, WarmupGate, lift_class_floor, reference_weight
 
 NORMALIZATIONS = ("batch", "sum", "none")
 
@@ -94,17 +101,31 @@ class CMWLoss(nn.Module):
     """Frozen-net weighted cross-entropy; holds the class -> family map of the target dataset."""
 
     def __init__(self, net: CMWNet, family_of_class: Sequence[int] | np.ndarray | torch.Tensor,
-                 normalization: str = "batch", *, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
+                 normalization: str = "batch", *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 min_class_weight: float = 0.0, warmup: str | int | None = None, epochs: int | None = None) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown weight normalisation '{normalization}', expected one of {NORMALIZATIONS}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        if not 0.0 <= min_class_weight <= 1.0:
+            raise ValueError(f"min_class_weight must be in [0, 1], got {min_class_weight}")
         self.net = net.eval().requires_grad_(False)
         self.normalization = normalization
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
+        self.min_class_weight = float(min_class_weight)
         self.register_buffer("family_of_class", torch.as_tensor(np.asarray(family_of_class), dtype=torch.long))
+        self.num_classes = int(self.family_of_class.numel())
+        self.gate = None
+        if warmup is not None:
+            if warmup == "auto" and not epochs:
+                raise ValueError("warmup='auto' needs the run's number of epochs (epochs=...)")
+            self.gate = WarmupGate(warmup, int(epochs or 0), reference_weight(net, net.loss_range,
+                                                                              self.family_of_class))
+        self.epoch = 1
+        self.class_monitor = ClassWeightMonitor(self.num_classes)
+        self.range_monitor = LossRangeMonitor(net.loss_range)
 
     @classmethod
     def from_net(cls, net: CMWNet, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch", *,
@@ -145,7 +166,40 @@ class CMWLoss(nn.Module):
         if logits.shape[0] == 0:  # every sample ignored: a zero that still has a graph
             return logits.sum() * 0.0
         losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
-        return (loss_coefficients(self.weights(losses, targets), self.normalization) * losses).sum()
+        weights = self.weights(losses, targets)
+        if self.gate is not None and not self.gate.applies(self.epoch):  # warm-up: plain CE, watch the net
+            if self.training:
+                self.gate.observe(weights)
+            return losses.mean()
+        hard = not targets.is_floating_point()
+        if self.min_class_weight > 0 and hard:
+            weights = lift_class_floor(weights, targets, self.num_classes, self.min_class_weight)
+        if self.training:
+            self.range_monitor.observe(losses)
+            if hard:
+                self.class_monitor.observe(weights, targets)
+        return (loss_coefficients(weights, self.normalization) * losses).sum()
+
+    def end_epoch(self) -> dict[str, Any]:
+        """Close the current epoch (warm-up decision, monitors reduced over DDP ranks); returns what it saw.
+
+        ``weighting`` (was the net applied), ``warmup_start_epoch`` (first weighted epoch, once known),
+        ``class_mean_weight`` (per class, None where no sample was seen), ``starved_classes`` and the loss-range
+        fields of :class:`~cmw_transfer.guards.LossRangeMonitor`.
+        """
+        applied = self.gate is None or self.gate.applies(self.epoch)
+        report: dict[str, Any] = {"epoch": self.epoch, "weighting": applied}
+        if self.gate is not None:
+            report["would_be_mean_weight"] = self.gate.end_epoch(self.epoch)
+            report["warmup_start_epoch"] = self.gate.start_epoch
+        if applied:
+            self.class_monitor.reduce()
+            report["class_mean_weight"] = self.class_monitor.class_means()
+            report["starved_classes"] = self.class_monitor.starved()
+            report.update(self.range_monitor.report())
+        self.class_monitor.reset()
+        self.epoch += 1
+        return report
 
 
 def sample_weights(losses: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,

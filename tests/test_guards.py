@@ -141,3 +141,34 @@ def test_loss_range_and_class_means_are_reduced_over_ranks():
         frac, means = out[rank]
         assert frac == pytest.approx(0.75)  # rank 0 alone would say 1.0, rank 1 alone 0.0
         assert means == [1.0, 0.0]
+
+
+def _digits_criterion(**kwargs):
+    from cmw_transfer import CMWLoss
+
+    counts = [100, 100, 100, 100, 100, 40, 40, 40, 10, 10]
+    return CMWLoss.from_spec("pretrained:cmwnet-digits-pmd", class_counts=counts, **kwargs)
+
+
+def test_cmwloss_auto_warmup_is_plain_ce_until_the_net_is_ready():
+    criterion = _digits_criterion(warmup="auto", epochs=20)
+    logits, y = torch.zeros(32, 10, requires_grad=True), torch.randint(0, 10, (32,))  # every loss = ln 10
+    loss = criterion(logits, y)
+    assert loss.item() == pytest.approx(np.log(10), rel=1e-6)  # epoch 1 is never weighted
+    report = criterion.end_epoch()
+    assert report["weighting"] is False and report["would_be_mean_weight"] is not None
+    confident = torch.nn.functional.one_hot(y, 10).float() * 12  # losses near 0: the net trusts them
+    criterion(confident, y)
+    report = criterion.end_epoch()
+    assert criterion.gate.start_epoch is not None
+
+
+def test_cmwloss_floor_and_monitor_in_the_training_loss():
+    criterion = _digits_criterion(min_class_weight=0.5)
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(64, 10, generator=g), torch.randint(0, 10, (64,), generator=g)
+    criterion(logits, y)
+    report = criterion.end_epoch()
+    means = [m for m in report["class_mean_weight"] if m is not None]
+    assert min(means) >= 0.5 * np.mean(means) * 0.5  # floored per batch: no class near zero
+    assert report["loss_range_check"] == "checked"
