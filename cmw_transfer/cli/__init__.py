@@ -13,6 +13,7 @@ import warnings
 
 import click
 
+from cmw_transfer.cli.text import printable
 from cmw_transfer.errors import UserError
 
 SUBCOMMANDS = {
@@ -49,13 +50,13 @@ def cli() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    first = " ".join(str(message).split()) or "unknown error"
+    first = printable(" ".join(str(message).split())) or "unknown error"
     click.echo(f"error: {first}", err=True)
     sys.exit(code)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"warning: {message}", err=True)
+    click.echo(f"warning: {printable(' '.join(str(message).split()))}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import click
 from cmw_transfer.artifact.curves import TABLE_LOSSES, curves_table, family_names, plot_curves
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.cli.options import emit, weights_option
+from cmw_transfer.cli.text import printable
 
 
 def describe(net: CMWNet, spec: str) -> dict:
@@ -24,13 +25,14 @@ def describe(net: CMWNet, spec: str) -> dict:
 
 def _print_text(info: dict) -> None:
     cfg = info["config"]
-    click.echo(f"weights:        {info['spec']}")
+    click.echo(f"weights:        {printable(info['spec'])}")
     click.echo(f"method:         {info['method']} (K={cfg['num_heads']}, hidden={cfg['hidden_size']}, "
                f"format v{cfg['format_version']})")
     for key, value in sorted((cfg.get("provenance") or {}).items()):
-        click.echo(f"{key + ':':<16}{value}")
+        click.echo(f"{printable(key) + ':':<16}{printable(value)}")
     if cfg.get("loss_range"):
-        click.echo("loss range:     " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(cfg["loss_range"].items())))
+        click.echo("loss range:     " + ", ".join(f"{printable(k)}={v:.3g}"
+                                                for k, v in sorted(cfg["loss_range"].items())))
     click.echo("families:")
     for fam in info["families"]:
         click.echo(f"  head {fam['head']}  {fam['name']:<8} center {fam['center']:.1f}")
