@@ -14,7 +14,7 @@ import warnings
 import click
 
 from cmw_transfer.cli.text import printable
-from cmw_transfer.errors import UserError
+from cmw_transfer.errors import UserError, is_environment_error
 
 SUBCOMMANDS = {
     "inspect": ("cmw_transfer.cli.inspect_cmd", "inspect_cmd", "Show a weighting net: config, centers, curves."),
@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except OSError as exc:
+        if not is_environment_error(exc):
+            traceback.print_exc()
+            _fail(f"unexpected failure ({exc.__class__.__name__}: {exc}); this is a bug, please report it", 1)
+        _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc), 2)
     except SystemExit:
         raise
     except BaseException as exc:

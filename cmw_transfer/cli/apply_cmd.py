@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -32,6 +33,9 @@ from cmw_transfer.cli.options import (
     WORKERS,
 )
 from cmw_transfer.errors import UserError
+
+if TYPE_CHECKING:
+    from cmw_transfer.trainer.apply import ApplyConfig
 
 
 def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
@@ -62,6 +66,21 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UserError(f"--decay-milestones must be comma-separated epochs, e.g. 30,60; got '{text}'") from None
+
+
+def _preflight(cfg: ApplyConfig) -> None:
+    """Every check that needs no data, once, before torchrun starts the workers (each would print the error,
+    followed by torchrun's failure report)."""
+    from cmw_transfer.artifact.net import CMWNet
+    from cmw_transfer.dataset import resolve_source
+
+    cfg.validate()
+    resolve_source(cfg.dataset, cfg.noise, cfg.imbalance)
+    for spec in (cfg.eval_dataset, cfg.open_dataset):
+        if spec:
+            resolve_source(spec)
+    if cfg.weighting == "cmw" and cfg.weights:
+        CMWNet.from_pretrained(cfg.weights)
 
 
 @click.command("apply")
@@ -165,18 +184,17 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     Writes config.json, families.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch) and
     summary.json into --out, all atomically.
     """
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {nproc}")
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
-
     from cmw_transfer.trainer.apply import ApplyConfig, run_apply
     from cmw_transfer.trainer.oltr import parse_open_classes
 
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
     options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
     options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
-    summary = run_apply(ApplyConfig(**options))  # type: ignore[arg-type]
+    cfg = ApplyConfig(**options)  # type: ignore[arg-type]
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _preflight(cfg)
+        raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
+    summary = run_apply(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
