@@ -229,7 +229,7 @@ def _tmpfs(path: Path, size: str, *options: str) -> Iterator[bool]:
 
 
 def _fill(path: Path) -> None:
-    with open(path / "filler", "wb") as fh, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), open(path / "filler", "wb") as fh:
         while True:
             fh.write(b"\0" * 4096)
             fh.flush()

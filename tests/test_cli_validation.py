@@ -33,6 +33,7 @@ def one_error_line(err: str) -> str:
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if a command gets as far as loading data or building a model."""
+    import cmw_transfer.cli.apply_cmd as apply_cmd_module
     import cmw_transfer.dataset.registry as registry
     import cmw_transfer.trainer.apply as apply_mod
     import cmw_transfer.trainer.metatrain as meta_mod
@@ -43,7 +44,7 @@ def no_training(monkeypatch):
     monkeypatch.setattr(apply_mod, "run_apply", forbidden)
     monkeypatch.setattr(meta_mod.MetaTrainer, "__init__", forbidden)
     monkeypatch.setattr(registry, "create_dataset", forbidden)
-    monkeypatch.setattr(subprocess, "call", forbidden)
+    monkeypatch.setattr(apply_cmd_module, "run_under_torchrun", forbidden)
 
 
 # -- the types --------------------------------------------------------------------------------------------------
@@ -253,3 +254,43 @@ def test_full_disk_in_torch_save_and_plot_on_a_real_tmpfs(capsys, tiny_tmpfs):
     code, _, err = call_main(["data", "--dataset", "digits", "--plot", str(tiny_tmpfs / "sizes.png")], capsys)
     assert code == 2 and "No space left on device" in one_error_line(err)
     assert not (tiny_tmpfs / "sizes.png").exists()
+
+
+# -- --nproc: one error line from N workers and torchrun ---------------------------------------------------------
+TORCHRUN_REPORT = (b"E1201 19:05:16.744000 12607 /x/torch/distributed/elastic/multiprocessing/api.py:1] failed\n"
+                   b"Traceback (most recent call last):\n  File \"run.py\", line 1, in <module>\n"
+                   b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n" + b"=" * 60 + b"\n"
+                   b"Failures:\n[1]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 2)\n"
+                   b"Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
+                   b"  exitcode  : 2 (pid: 1)\n" + b"=" * 60 + b"\n")
+
+
+def _relay(chunks, returncode):
+    import io
+
+    from cmw_transfer.cli.launch import StderrRelay
+
+    out = io.BytesIO()
+    relay = StderrRelay(out)
+    for chunk in chunks:
+        relay.feed(chunk)
+    return relay.finish(returncode), out.getvalue()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_relay_prints_the_error_once_last_with_the_root_cause_exit_code(chunk_size):
+    stream = (b"apply: digits [train]\n\repoch 1:  40%|####\repoch 1:  80%|########\n"
+              b"error: list file x not found\nerror: list file x not found\n" + TORCHRUN_REPORT)
+    code, out = _relay([stream[i:i + chunk_size] for i in range(0, len(stream), chunk_size)], 1)
+    assert code == 2
+    assert out == b"apply: digits [train]\n\repoch 1:  40%|####\repoch 1:  80%|########\nerror: list file x not found\n"
+
+
+def test_relay_keeps_torchruns_report_when_no_worker_explained_itself():
+    code, out = _relay([b"W1201 1 2 torch/distributed/elastic/x] Sending SIGTERM\n", TORCHRUN_REPORT], 1)
+    assert code == 1 and out.endswith(TORCHRUN_REPORT) and out.startswith(b"W1201")
+
+
+def test_relay_passes_a_successful_run_through():
+    stream = b"apply: ok\n\r 50%|##\r100%|####\ndone: run\n"
+    assert _relay([stream], 0) == (0, stream)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 import click
 
+from cmw_transfer.cli.launch import run_under_torchrun
 from cmw_transfer.cli.options import (
     BATCH,
     DEVICE,
@@ -193,7 +193,7 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     cfg = ApplyConfig(**options)  # type: ignore[arg-type]
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _preflight(cfg)
-        raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
+        raise SystemExit(run_under_torchrun(_relaunch_argv(ctx, nproc)))
     summary = run_apply(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
