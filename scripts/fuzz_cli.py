@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = f"  {outcome.reason}" if outcome.reason else ""
             print(f"{outcome.status} {outcome.case.id:<44} {outcome.seconds:5.1f}s{reason}", flush=True)
             if args.verbose and outcome.status == "FAIL":
-                print("    " + outcome.stderr.strip().replace("\n", "\n    ")[-2000:])
+                print("\n".join("    " + line[:200] for line in outcome.stderr.strip().splitlines()[-6:]))
     counts = {s: sum(o.status == s for o in outcomes) for s in ("PASS", "FAIL", "SKIP")}
     print(f"{len(outcomes)} cases{' (--fast)' if args.fast else ''}: {counts['PASS']} passed, {counts['FAIL']} failed, "
           f"{counts['SKIP']} skipped in {time.perf_counter() - start:.1f}s")
