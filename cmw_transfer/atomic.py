@@ -14,18 +14,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cmw_transfer.errors import is_stream_write_failure, write_error
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A write that fails for a reason of the machine (full disk, read-only mount, missing folder) is a UserError
+    naming ``path`` and the OS error; the old file, if any, is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _create_temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = _create_temporary(path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:  # a full disk, a read-only mount, torch.save's writer failing
+        if isinstance(exc, RuntimeError) and not is_stream_write_failure(exc):
+            raise
+        raise write_error(path, exc) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

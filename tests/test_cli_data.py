@@ -61,9 +61,9 @@ def test_web_data_has_unknown_noise(capsys, tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--dataset", "mnist"], "unknown dataset 'mnist'; known: digits"),
     (["--dataset", "digits", "--noise", "sym:1.5"], r"in [0, 1)"),
-    (["--dataset", "digits", "--imbalance", "0.5"], ">= 1"),
+    (["--dataset", "digits", "--imbalance", "0.5"], "0.5 is not in the range x>=1.0"),
     (["--dataset", "webvision-full"], "needs --data-dir"),
-    (["--dataset", "digits", "--families", "0"], "--families must be >= 1"),
+    (["--dataset", "digits", "--families", "0"], "'--families': 0 is not in the range 1<=x<=100"),
 ])
 def test_bad_input_exits_2_with_one_error_line(capsys, args, message):
     code, out, err = run(capsys, *args)

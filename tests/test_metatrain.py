@@ -107,7 +107,7 @@ def test_nan_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--meta-interval", "0"], "--meta-interval must be >= 1"),
+    (["--meta-interval", "0"], "'--meta-interval': 0 is not in the range 1<=x"),
     (["--model", "resnet_does_not_exist"], "unknown model"),
     (["--meta-set", "clean:500"], "needs more than 500 samples"),
     (["--meta-set", "best:3"], "--meta-set must be"),

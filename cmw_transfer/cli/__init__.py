@@ -13,7 +13,8 @@ import warnings
 
 import click
 
-from cmw_transfer.errors import UserError
+from cmw_transfer.cli.text import printable
+from cmw_transfer.errors import UserError, is_environment_error
 
 SUBCOMMANDS = {
     "inspect": ("cmw_transfer.cli.inspect_cmd", "inspect_cmd", "Show a weighting net: config, centers, curves."),
@@ -50,13 +51,13 @@ def cli() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    first = " ".join(str(message).split()) or "unknown error"
+    first = printable(" ".join(str(message).split())) or "unknown error"
     click.echo(f"error: {first}", err=True)
     sys.exit(code)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"warning: {message}", err=True)
+    click.echo(f"warning: {printable(' '.join(str(message).split()))}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except OSError as exc:
+        if not is_environment_error(exc):
+            traceback.print_exc()
+            _fail(f"unexpected failure ({exc.__class__.__name__}: {exc}); this is a bug, please report it", 1)
+        _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc), 2)
     except SystemExit:
         raise
     except BaseException as exc:

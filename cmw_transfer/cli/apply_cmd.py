@@ -8,12 +8,35 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
+from cmw_transfer.cli.launch import run_under_torchrun
+from cmw_transfer.cli.options import (
+    BATCH,
+    DEVICE,
+    EPOCHS,
+    FAMILIES,
+    FRACTION,
+    IMBALANCE,
+    IMG_SIZE,
+    LR,
+    NON_NEGATIVE,
+    NPROC,
+    POSITIVE,
+    SEED,
+    UNIT_OPEN,
+    WARMUP,
+    WEIGHT_DECAY,
+    WORKERS,
+    bounded_int,
+)
 from cmw_transfer.errors import UserError
+
+if TYPE_CHECKING:
+    from cmw_transfer.trainer.apply import ApplyConfig
 
 
 def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
@@ -46,6 +69,21 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
         raise UserError(f"--decay-milestones must be comma-separated epochs, e.g. 30,60; got '{text}'") from None
 
 
+def _preflight(cfg: ApplyConfig) -> None:
+    """Every check that needs no data, once, before torchrun starts the workers (each would print the error,
+    followed by torchrun's failure report)."""
+    from cmw_transfer.artifact.net import CMWNet
+    from cmw_transfer.dataset import resolve_source
+
+    cfg.validate()
+    resolve_source(cfg.dataset, cfg.noise, cfg.imbalance)
+    for spec in (cfg.eval_dataset, cfg.open_dataset):
+        if spec:
+            resolve_source(spec)
+    if cfg.weighting == "cmw" and cfg.weights:
+        CMWNet.from_pretrained(cfg.weights)
+
+
 @click.command("apply")
 @click.option("--weights", "weights", metavar="SPEC", default=None,
               help="Frozen weighting net: DIR, FILE.safetensors, hub:org/name[@rev] or pretrained:NAME "
@@ -54,80 +92,82 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
                                                                  "list:PATH, folder:PATH, ... (see cmw-transfer data).")
 @click.option("--data-dir", "--data-root", "data_root", default=None, metavar="DIR", help="Dataset root folder.")
 @click.option("--noise", default=None, metavar="SPEC", help="Inject label noise, e.g. asym:0.4 or sym:0.4+asym:0.2.")
-@click.option("--imbalance", type=float, default=None, help="Long-tail imbalance factor to inject (e.g. 10).")
+@click.option("--imbalance", type=IMBALANCE, default=None, help="Long-tail imbalance factor to inject (e.g. 10).")
 @click.option("--out", required=True, metavar="DIR", help="Run directory (checkpoint, metrics, families, summary).")
 @click.option("--model", default="resnet18", show_default=True,
               help="Backbone: any timm model name, or small_cnn / cifar_resnet32.")
-@click.option("--img-size", type=int, default=None, help="Resize to this input size with timm's transforms "
+@click.option("--img-size", type=IMG_SIZE, default=None, help="Resize to this input size with timm's transforms "
                                                            "(default: file datasets 224, in-memory sets as stored).")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (Hugging Face cache; "
                                                   "HF_HUB_OFFLINE=1 works with a populated cache).")
 @click.option("--initial-checkpoint", default=None, metavar="PATH",
               help="Initialise the model from this state dict (.safetensors or torch.save, loaded weights-only).")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Per process (global = N x this).")
-@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--epochs", type=EPOCHS, default=30, show_default=True)
+@click.option("--batch-size", type=BATCH, default=128, show_default=True, help="Per process (global = N x this).")
+@click.option("--lr", type=LR, default=0.1, show_default=True)
 @click.option("--opt", default="sgd", show_default=True, help="timm optimizer name (sgd is Nesterov momentum).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--momentum", type=UNIT_OPEN, default=0.9, show_default=True)
+@click.option("--weight-decay", type=WEIGHT_DECAY, default=5e-4, show_default=True)
 @click.option("--sched", default="cosine", show_default=True,
               help="timm scheduler: cosine, step, multistep, tanh, poly, constant, wsd, rsqrt or none.")
 @click.option("--decay-milestones", default="", metavar="E1,E2",
               help="--sched multistep: epochs where the lr is multiplied by 0.1 (default: 50% and 75% of the run).")
-@click.option("--warmup-lr-epochs", type=int, default=0, show_default=True, help="Linear lr warm-up (timm).")
-@click.option("--warmup-epochs", type=int, default=0, show_default=True,
+@click.option("--warmup-lr-epochs", type=WARMUP, default=0, show_default=True, help="Linear lr warm-up (timm).")
+@click.option("--warmup-epochs", type=WARMUP, default=0, show_default=True,
               help="Plain cross-entropy for the first E epochs, then the weighted loss (as the paper).")
 @click.option("--weighting", type=click.Choice(["cmw", "none", "focal", "class-balanced"]), default="cmw",
               show_default=True, help="cmw: frozen net; none: the plain ERM baseline through the same pipeline; "
                                       "focal / class-balanced: fixed-weighting baselines.")
-@click.option("--focal-gamma", type=float, default=2.0, show_default=True, help="--weighting focal: (1-p_t)^gamma.")
-@click.option("--cb-beta", type=float, default=0.999, show_default=True,
+@click.option("--focal-gamma", type=NON_NEGATIVE, default=2.0, show_default=True,
+              help="--weighting focal: (1-p_t)^gamma.")
+@click.option("--cb-beta", type=UNIT_OPEN, default=0.999, show_default=True,
               help="--weighting class-balanced: effective-number beta.")
 @click.option("--normalization", type=click.Choice(["batch", "sum", "none"]), default="batch", show_default=True,
               help="Per-sample coefficients: w/B (CMW-Net), w/sum(w), or w.")
-@click.option("--families", type=int, default=None, help="Expected number of class-size families (must equal the "
+@click.option("--families", type=FAMILIES, default=None, help="Expected number of class-size families (must equal the "
                                                            "net's K; default: the net's K).")
 @click.option("--soft-labels", is_flag=True, help="CMW-Net-SL: EMA teacher, pseudo-labels and mixup (WebVision form).")
-@click.option("--mixup-alpha", type=float, default=1.0, show_default=True, help="Beta(a, a) of the SL mixup.")
-@click.option("--teacher-decay", type=float, default=0.997, show_default=True, help="EMA decay of the SL teacher.")
+@click.option("--mixup-alpha", type=NON_NEGATIVE, default=1.0, show_default=True, help="Beta(a, a) of the SL mixup.")
+@click.option("--teacher-decay", type=UNIT_OPEN, default=0.997, show_default=True, help="EMA decay of the SL teacher.")
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 + grad scaling on CUDA, bfloat16 on CPU).")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=WORKERS, default=None,
               help="DataLoader workers per process.  [default: min(4, CPUs per process - 1)]")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=bounded_int(1, 1024), default=None,
               help="torch threads per process.  [default: OMP_NUM_THREADS, else CPUs / processes on this machine]")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on an unreadable image instead of skipping it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that already holds a run.")
-@click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N epochs (and the last).")
+@click.option("--eval-every", type=EPOCHS, default=1, show_default=True, help="Evaluate every N epochs (and the last).")
 @click.option("--eval-dataset", default=None, metavar="SPEC",
               help="Test set instead of the dataset's own test/val split (required for list:/folder: datasets).")
 @click.option("--extra-eval", multiple=True, metavar="NAME=SPEC",
               help="Further evaluation set, e.g. ilsvrc12=list:/data/imagenet/val.txt (repeatable).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (torchrun: LOCAL_RANK).")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (torchrun: LOCAL_RANK).")
+@click.option("--nproc", type=NPROC, default=1, show_default=True,
               help="Launch N processes on this machine through torchrun (DDP: nccl on GPU, gloo on CPU).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar with images/s (rank 0 only).")
 @click.option("--trainer", type=click.Choice(["erm", "oltr"]), default="erm", show_default=True,
               help="erm: one classifier (the apply stage); oltr: two-stage OLTR (docs/oltr.md).")
-@click.option("--oltr-stage1-epochs", type=int, default=None,
+@click.option("--oltr-stage1-epochs", type=EPOCHS, default=None,
               help="OLTR stage 1 (backbone + linear classifier) epochs.  [default: --epochs]")
-@click.option("--oltr-stage2-epochs", type=int, default=None,
+@click.option("--oltr-stage2-epochs", type=EPOCHS, default=None,
               help="OLTR stage 2 (meta-embedding) epochs.  [default: --epochs]")
-@click.option("--oltr-backbone-lr-mult", type=float, default=0.1, show_default=True,
+@click.option("--oltr-backbone-lr-mult", type=NON_NEGATIVE, default=0.1, show_default=True,
               help="Stage-2 backbone lr = --lr x this (the head trains at --lr).")
 @click.option("--oltr-sampler", type=click.Choice(["class-aware", "uniform"]), default="class-aware",
               show_default=True, help="Stage-2 batches: class-aware (official OLTR) or uniform over samples.")
-@click.option("--samples-per-class", type=int, default=4, show_default=True,
+@click.option("--samples-per-class", type=BATCH, default=4, show_default=True,
               help="Class-aware sampling: consecutive samples drawn from one class.")
-@click.option("--dcl-weight", type=float, default=0.01, show_default=True,
+@click.option("--dcl-weight", type=NON_NEGATIVE, default=0.01, show_default=True,
               help="Weight of the discriminative centroid loss in stage 2.")
-@click.option("--dcl-margin", type=float, default=10.0, show_default=True,
+@click.option("--dcl-margin", type=NON_NEGATIVE, default=10.0, show_default=True,
               help="Centroid loss push margin (mean squared distance to the other centroids).")
-@click.option("--dcl-push-weight", type=float, default=0.01, show_default=True,
+@click.option("--dcl-push-weight", type=NON_NEGATIVE, default=0.01, show_default=True,
               help="Weight of the push term inside the centroid loss.")
-@click.option("--cosine-scale", type=float, default=16.0, show_default=True, help="Cosine-norm classifier scale.")
-@click.option("--reachability-scale", type=float, default=10.0, show_default=True,
+@click.option("--cosine-scale", type=POSITIVE, default=16.0, show_default=True, help="Cosine-norm classifier scale.")
+@click.option("--reachability-scale", type=POSITIVE, default=10.0, show_default=True,
               help="Reachability = this / distance to the nearest class centroid.")
 @click.option("--modulated-attention/--no-modulated-attention", default=None,
               help="Stage-2 modulated attention on the feature map.  [default: on for CNN feature maps]")
@@ -137,9 +177,9 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
                    "used by default when present.")
 @click.option("--open-classes", default=None, metavar="LIST",
               help="Hold these classes out of training (e.g. 9 or 7,8,9); their test samples are the open set.")
-@click.option("--open-threshold", type=float, default=None,
+@click.option("--open-threshold", type=POSITIVE, default=None,
               help="Reject as unknown below this reachability.  [default: accept --open-accept of known test]")
-@click.option("--open-accept", type=float, default=0.95, show_default=True,
+@click.option("--open-accept", type=FRACTION, default=0.95, show_default=True,
               help="Without --open-threshold: the fraction of known test samples the threshold accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.pass_context
@@ -152,11 +192,6 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     Writes config.json, families.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch) and
     summary.json into --out, all atomically.
     """
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {nproc}")
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
-
     from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
     from cmw_transfer.trainer.apply import ApplyConfig, run_apply
     from cmw_transfer.trainer.oltr import parse_open_classes
@@ -168,7 +203,11 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
     options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
     options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
-    summary = run_apply(ApplyConfig(**options))  # type: ignore[arg-type]
+    cfg = ApplyConfig(**options)  # type: ignore[arg-type]
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _preflight(cfg)
+        raise SystemExit(run_under_torchrun(_relaunch_argv(ctx, nproc)))
+    summary = run_apply(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:

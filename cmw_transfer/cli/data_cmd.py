@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from cmw_transfer.cli.options import emit
+from cmw_transfer.cli.options import FAMILIES, IMBALANCE, SEED, emit
+from cmw_transfer.cli.text import printable
+from cmw_transfer.dataset.classes import describe_empty_classes, empty_classes, nonempty_classes
 from cmw_transfer.errors import UserError
 
 if TYPE_CHECKING:
@@ -28,7 +30,11 @@ def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
     from cmw_transfer.artifact.scales import fit_families
 
     counts = ds.class_counts()
-    centers, family = fit_families(counts, k)
+    present = nonempty_classes(counts)  # empty classes have no size: they join no family
+    centers, present_family = fit_families(counts[present], k)
+    family = np.full(counts.size, -1, dtype=np.int64)
+    family[present] = present_family
+    empty = empty_classes(counts)
     names = family_names(k)
     per_class_noise = None
     if ds.clean_targets is not None:
@@ -57,7 +63,9 @@ def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
         "class_names": ds.classes,
         "class_counts": counts.tolist(),
         "families": families,
-        "family_of_class": family.tolist(),
+        "family_of_class": [None if f < 0 else int(f) for f in family],
+        "empty_classes": empty.tolist(),
+        "num_empty_classes": int(empty.size),
         "noise_rate": None if noise is None else round(noise, 6),
         "class_noise_rate": per_class_noise,
     }
@@ -73,7 +81,7 @@ def plot_class_sizes(info: dict, path: Path) -> None:
     from cmw_transfer.atomic import atomic_path
 
     counts = np.asarray(info["class_counts"])
-    family = np.asarray(info["family_of_class"])
+    family = np.asarray([-1 if f is None else f for f in info["family_of_class"]])
     fams = info["families"]
     bins = np.histogram_bin_edges(counts, bins=min(50, max(10, counts.size // 4)))
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
@@ -97,13 +105,16 @@ def plot_class_sizes(info: dict, path: Path) -> None:
 
 
 def _print_text(info: dict) -> None:
-    click.echo(f"dataset:     {info['dataset']} ({info['name']}, split {info['split']})")
+    click.echo(printable(f"dataset:     {info['dataset']} ({info['name']}, split {info['split']})"))
     click.echo(f"bias:        {info['bias']}")
     for step in info["bias_steps"]:
         extras = ", ".join(f"{k}={v}" for k, v in step.items() if k != "step")
         click.echo(f"  {step['step']:<16}{extras}")
     click.echo(f"samples:     {info['num_samples']} (labels digest {info['labels_digest']})")
     click.echo(f"classes:     {info['num_classes']}")
+    if info["num_empty_classes"]:
+        click.echo(f"empty:       {describe_empty_classes(np.asarray(info['class_counts']))}; they join no family "
+                   "and training leaves them out")
     noise = info["noise_rate"]
     click.echo("noise rate:  " + ("unknown (no ground truth)" if noise is None else f"{100 * noise:.2f}%"))
     click.echo("families:")
@@ -117,14 +128,17 @@ def _print_text(info: dict) -> None:
         names = info["class_names"] or [str(c) for c in range(len(counts))]
         noise_by_class = info["class_noise_rate"]
         for c, count in enumerate(counts):
-            fam = info["families"][info["family_of_class"][c]]["name"]
+            head = info["family_of_class"][c]
+            fam = "empty" if head is None else info["families"][head]["name"]
             extra = ""
             if noise_by_class is not None and noise_by_class[c] is not None:
                 extra = f"  noise {100 * noise_by_class[c]:5.1f}%"
-            click.echo(f"  {c:>3} {names[c][:16]:<16} {count:>8}  {fam}{extra}")
+            click.echo(f"  {c:>3} {printable(names[c][:16]):<16} {count:>8}  {fam}{extra}")
     else:
         arr = np.asarray(counts)
-        click.echo(f"class counts: min {arr.min()}, median {int(np.median(arr))}, max {arr.max()}")
+        arr = arr[arr > 0] if arr.any() else arr
+        click.echo(f"class counts: min {arr.min()}, median {int(np.median(arr))}, max {arr.max()}"
+                   + (" (non-empty classes)" if info["num_empty_classes"] else ""))
 
 
 @click.command("data")
@@ -136,10 +150,10 @@ def _print_text(info: dict) -> None:
 @click.option("--split", default="train", show_default=True, help="Which split to describe.")
 @click.option("--noise", default=None, metavar="STEPS",
               help="Inject label noise, e.g. sym:0.4, asym:0.3, pmd1:0.35+asym:0.3 (steps left to right).")
-@click.option("--imbalance", type=float, default=None, metavar="IF",
+@click.option("--imbalance", type=IMBALANCE, default=None, metavar="IF",
               help="Long-tail subsampling with imbalance factor IF (largest/smallest class), applied before noise.")
-@click.option("--families", "k", type=int, default=3, show_default=True, help="Number of class-size families K.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bias generators.")
+@click.option("--families", "k", type=FAMILIES, default=3, show_default=True, help="Number of class-size families K.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bias generators.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a histogram of class sizes coloured by family as a PNG.")
@@ -148,9 +162,7 @@ def data_cmd(spec: str, data_dir: Path | None, split: str, noise: str | None, im
     """Samples, classes, class counts, the K size families and the realised noise of a dataset spec."""
     from cmw_transfer.dataset import create_dataset
 
-    if k < 1:
-        raise UserError(f"--families must be >= 1, got {k}")
-    ds = create_dataset(spec, data_dir, split, noise=noise, imbalance=imbalance, seed=seed)
+    ds = create_dataset(spec, data_dir, split, noise=noise, imbalance=imbalance, seed=seed, allow_empty_classes=True)
     if not len(ds):
         raise UserError(f"{spec} [{split}] has no samples")
     info = describe_dataset(ds, spec, k)

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from cmw_transfer.cli.options import emit, weights_option
+from cmw_transfer.cli.text import printable
 
 if TYPE_CHECKING:
     from cmw_transfer.artifact.net import CMWNet
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(value: Any) -> str:
-    """Untrusted metadata for a terminal: control characters (ANSI escapes, newlines) shown escaped, not run."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
-
 
 def net_method(net: CMWNet) -> str:
     """The method the net was trained with: its provenance says (cmwnet-sl too), else the head count does."""
@@ -53,7 +45,8 @@ def _print_text(info: dict) -> None:
         if key != "method":  # already on the line above
             click.echo(f"{printable(key) + ':':<16}{printable(value)}")
     if cfg.get("loss_range"):
-        click.echo("loss range:     " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(cfg["loss_range"].items())))
+        click.echo("loss range:     " + ", ".join(f"{printable(k)}={v:.3g}"
+                                                for k, v in sorted(cfg["loss_range"].items())))
     click.echo("families:")
     for fam in info["families"]:
         click.echo(f"  head {fam['head']}  {fam['name']:<8} center {fam['center']:.1f}")

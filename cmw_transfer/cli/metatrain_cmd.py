@@ -4,41 +4,43 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from typing import Any
 
 import click
 
+from cmw_transfer.cli import options as opt
 from cmw_transfer.trainer.metatrain import METHODS, MetaTrainConfig, recipe_for
 
 # option name -> (type, help); defaults come from the source's recipe, then from MetaTrainConfig
-OPTIONS: dict[str, tuple[type, str]] = {
+OPTIONS: dict[str, tuple[Any, str]] = {
     "data_dir": (str, "Root folder of the source dataset's files."),
     "noise": (str, "Extra noise steps, e.g. sym:0.4+asym:0.2 or pmd1:0.35+asym:0.3."),
-    "imbalance": (float, "Long-tail imbalance factor IF (n_max / n_min)."),
+    "imbalance": (opt.IMBALANCE, "Long-tail imbalance factor IF (n_max / n_min)."),
     "method": (click.Choice(METHODS), "cmwnet (K families), mwnet (K=1) or cmwnet-sl (soft labels)."),
-    "families": (int, "Number of class-size families K (heads)."),
+    "families": (opt.FAMILIES, "Number of class-size families K (heads)."),
     "model": (str, "Classifier: a timm model name or a built-in (small_cnn, cifar_resnet32, cifar_resnet20)."),
-    "epochs": (int, "Training epochs."),
-    "batch_size": (int, "Training batch size."),
-    "lr": (float, "Classifier learning rate (SGD)."),
-    "momentum": (float, "Classifier SGD momentum."),
-    "weight_decay": (float, "Classifier weight decay."),
+    "epochs": (opt.EPOCHS, "Training epochs."),
+    "batch_size": (opt.BATCH, "Training batch size."),
+    "lr": (opt.LR, "Classifier learning rate (SGD)."),
+    "momentum": (opt.UNIT_OPEN, "Classifier SGD momentum."),
+    "weight_decay": (opt.WEIGHT_DECAY, "Classifier weight decay."),
     "sched": (str, "timm scheduler name (cosine, step, multistep, constant, ...)."),
-    "meta_lr": (float, "Weighting-net learning rate (Adam)."),
-    "meta_weight_decay": (float, "Weighting-net weight decay."),
-    "meta_interval": (int, "A meta step every k iterations."),
-    "meta_batch_size": (int, "Meta batch size."),
+    "meta_lr": (opt.LR, "Weighting-net learning rate (Adam)."),
+    "meta_weight_decay": (opt.WEIGHT_DECAY, "Weighting-net weight decay."),
+    "meta_interval": (opt.EPOCHS, "A meta step every k iterations."),
+    "meta_batch_size": (opt.BATCH, "Meta batch size."),
     "meta_set": (str, "clean:N, lowest-loss:N or gmm."),
     "meta_grad": (str, "exact, skip:N (SLMO: bottom N stages cut) or famus (learned layer gates)."),
     "normalization": (click.Choice(["batch", "sum", "none"]), "Weight normalisation: w/B (default), w/sum(w), none."),
     "actual_step": (click.Choice(["reuse", "updated"]), "Real step with the net before (reuse, one backward "
                     "fewer) or after (updated, the paper's order) its meta update."),
-    "warmup_epochs": (int, "Plain cross-entropy epochs before meta-learning starts."),
-    "hidden_size": (int, "Hidden units of the weighting net."),
-    "ema_decay": (float, "EMA teacher decay (lowest-loss meta sets, soft labels)."),
-    "mixup_alpha": (float, "Mixup Beta(a, a) for cmwnet-sl (0 disables)."),
-    "seed": (int, "Random seed."),
-    "device": (str, "auto, cpu, cuda or cuda:N."),
-    "workers": (int, "DataLoader worker processes."),
+    "warmup_epochs": (opt.WARMUP, "Plain cross-entropy epochs before meta-learning starts."),
+    "hidden_size": (opt.HIDDEN, "Hidden units of the weighting net."),
+    "ema_decay": (opt.UNIT_OPEN, "EMA teacher decay (lowest-loss meta sets, soft labels)."),
+    "mixup_alpha": (opt.NON_NEGATIVE, "Mixup Beta(a, a) for cmwnet-sl (0 disables)."),
+    "seed": (opt.SEED, "Random seed."),
+    "device": (opt.DEVICE, "auto, cpu, cuda or cuda:N."),
+    "workers": (opt.WORKERS, "DataLoader worker processes."),
 }
 
 

@@ -19,6 +19,9 @@ from cmw_transfer.errors import UserError
 _WS = np.zeros(256, dtype=bool)
 _WS[[9, 10, 11, 12, 13, 32]] = True
 _MAX_LABEL_DIGITS = 18
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+MAX_LIST_CLASSES = 1_000_000  # list: classes are 0..max label; a larger label is a typo, not a class
 
 
 @dataclass
@@ -32,12 +35,16 @@ class ParsedList:
 
 
 def _read(path: Path) -> np.ndarray:
+    """The file's bytes, without a UTF-8 byte-order mark (Windows editors write one)."""
     try:
-        return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"list file {path} not found") from None
     except OSError as exc:
-        raise UserError(f"cannot read list file {path}: {exc}") from None
+        raise UserError(f"cannot read list file {path}: {exc.strerror or exc}") from None
+    if data.startswith(_UTF16_BOMS):
+        raise UserError(f"list file {path} is UTF-16 encoded; save it as UTF-8 ('relative/path label' lines)")
+    return np.frombuffer(data, dtype=np.uint8, offset=len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0)
 
 
 def _strip(arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,16 +140,6 @@ def parse_key_list(path: str | Path, base: str | Path) -> ParsedList:
     arr = _read(path)
     starts, ends, line_no = _lines(arr)
     return ParsedList(path, PathTable(arr, starts, ends, Path(base)), np.full(starts.size, -1, np.int64), line_no)
-
-
-def check_no_empty_classes(labels: np.ndarray, num_classes: int, where: str) -> None:
-    """Every class must have a sample: an empty class usually means a truncated or wrong list file."""
-    counts = np.bincount(labels, minlength=num_classes)
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
-        shown = ", ".join(str(c) for c in empty[:10]) + (", ..." if empty.size > 10 else "")
-        raise UserError(f"{where}: {empty.size} of {num_classes} classes have no samples (class {shown}); the list "
-                        "is incomplete or the labels are not numbered 0..C-1")
 
 
 def require_files(dataset: str, root: Path, relative: list[str], hint: str = "") -> None:

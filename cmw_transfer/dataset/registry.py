@@ -83,18 +83,23 @@ def create_dataset(
     strict: bool = False,
     download: bool = True,
     eta_options: dict[str, Any] | None = None,
+    allow_empty_classes: bool = False,
 ) -> LabeledDataset:
     """Load ``name`` (a spec, see module docstring) from ``root`` and inject the requested bias.
 
     ``transform`` is applied to each decoded image (default: timm's transform for the split, for file
     datasets; a float tensor in [0, 1] for in-memory ones). ``strict`` turns an unreadable image into an
     error instead of a skip. ``download`` lets CIFAR be fetched by torchvision when missing.
-    ``eta_options`` go to :func:`cmw_transfer.bias.estimate_eta` for PMD steps.
+    ``eta_options`` go to :func:`cmw_transfer.bias.estimate_eta` for PMD steps. A file dataset whose lists
+    leave a class without samples is refused unless ``allow_empty_classes`` (then see
+    :func:`cmw_transfer.dataset.classes.nonempty_classes`).
     """
     base, bias = resolve_source(name, noise, imbalance)
     kwargs: dict[str, Any] = {"transform": transform}
     if base in ("cifar10", "cifar100"):
         kwargs["download"] = download
+    elif base != "digits":
+        kwargs["allow_empty_classes"] = allow_empty_classes
     ds = _loader(base)(root, split, **kwargs)
     if hasattr(ds, "strict"):
         ds.strict = strict

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from cmw_transfer.dataset.base import FileDataset
-from cmw_transfer.dataset.lists import check_no_empty_classes, parse_key_list, parse_label_list, require_files
+from cmw_transfer.dataset.classes import check_no_empty_classes
+from cmw_transfer.dataset.lists import parse_key_list, parse_label_list, require_files
 from cmw_transfer.errors import UserError
 
 NUM_CLASSES = 14
@@ -30,11 +31,12 @@ def _class_names(root: Path) -> list[str] | None:
     path = root / "category_names_eng.txt"
     if not path.exists():
         return None
-    names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text("utf-8-sig", errors="replace").splitlines() if line.strip()]
     return names if len(names) == NUM_CLASSES else None
 
 
-def load(root: str | Path | None, split: str = "train", **kwargs: Any) -> FileDataset:
+def load(root: str | Path | None, split: str = "train", *, allow_empty_classes: bool = False,
+         **kwargs: Any) -> FileDataset:
     if split not in SPLITS:
         raise UserError(f"clothing1m has splits {', '.join(SPLITS)}, not {split!r}")
     key_file, kv_file = SPLITS[split]
@@ -52,6 +54,6 @@ def load(root: str | Path | None, split: str = "train", **kwargs: Any) -> FileDa
         if label is None:
             raise UserError(f"{keys.source}:{int(keys.line_numbers[k])}: key {key!r} has no label in {kv.source}")
         labels[k] = label
-    check_no_empty_classes(labels, NUM_CLASSES, f"clothing1m {split} ({root})")
+    check_no_empty_classes(labels, NUM_CLASSES, f"clothing1m {split} ({root})", allow=allow_empty_classes)
     return FileDataset("clothing1m", keys.paths, labels, NUM_CLASSES, classes=_class_names(root), root=root,
                        split=split, **kwargs)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from cmw_transfer.dataset.base import FileDataset, PathTable
-from cmw_transfer.dataset.lists import check_no_empty_classes
+from cmw_transfer.dataset.classes import check_no_empty_classes
 from cmw_transfer.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -23,7 +23,8 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_animal10n(root: str | Path | None, split: str = "train", **kwargs: Any) -> FileDataset:
+def load_animal10n(root: str | Path | None, split: str = "train", *, allow_empty_classes: bool = False,
+                   **kwargs: Any) -> FileDataset:
     """Animal-10N (Song et al. 2019): ``training/`` and ``testing/`` with files named ``<label>_<id>.jpg``.
 
     The labels are the dataset's (noisy, ~8%) labels; there is no ground truth, so ``clean_targets`` is None.
@@ -47,12 +48,13 @@ def load_animal10n(root: str | Path | None, split: str = "train", **kwargs: Any)
         labels[k] = int(match.group(1))
         if labels[k] >= ANIMAL_CLASSES:
             raise UserError(f"animal-10n: label {labels[k]} of {folder / name} is outside 0..{ANIMAL_CLASSES - 1}")
-    check_no_empty_classes(labels, ANIMAL_CLASSES, f"animal-10n {split} ({folder})")
+    check_no_empty_classes(labels, ANIMAL_CLASSES, f"animal-10n {split} ({folder})", allow=allow_empty_classes)
     return FileDataset("animal-10n", PathTable.from_strings(names, folder), labels, ANIMAL_CLASSES, root=root,
                        split=split, **kwargs)
 
 
-def load_folder(path: str | Path, split: str = "train", **kwargs: Any) -> FileDataset:
+def load_folder(path: str | Path, split: str = "train", *, allow_empty_classes: bool = False,
+                **kwargs: Any) -> FileDataset:
     """``folder:PATH``: each sub-folder of PATH is a class (sorted names -> labels 0..C-1), images inside it
     (recursively); like torchvision's ImageFolder. An empty class folder is an error."""
     root = Path(path).expanduser()
@@ -69,21 +71,23 @@ def load_folder(path: str | Path, split: str = "train", **kwargs: Any) -> FileDa
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, root)
             found.extend(os.path.join(rel_dir, f) for f in sorted(filenames) if _is_image(f))
-        if not found:
+        if not found and not allow_empty_classes:
             raise UserError(f"folder:{path}: class folder {root / cls} holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
         rel_paths.extend(found)
         labels.extend([label] * len(found))
     y = np.asarray(labels, dtype=np.int64)
-    check_no_empty_classes(y, len(classes), f"folder:{path}")
+    check_no_empty_classes(y, len(classes), f"folder:{path}", allow=allow_empty_classes)
     return FileDataset(f"folder:{path}", PathTable.from_strings(rel_paths, root), y, len(classes), classes=classes,
                        root=root, split=split, **kwargs)
 
 
-def load_list(path: str | Path, root: str | Path | None = None, split: str = "train", **kwargs: Any) -> FileDataset:
+def load_list(path: str | Path, root: str | Path | None = None, split: str = "train", *,
+              allow_empty_classes: bool = False, **kwargs: Any) -> FileDataset:
     """``list:PATH``: ``relative/path label`` lines; paths are relative to ``root`` (``--data-dir``) when given,
-    else to the list file's folder. Classes are 0..max label; a class with no line is an error."""
-    from cmw_transfer.dataset.lists import parse_label_list
+    else to the list file's folder. Classes are 0..max label (at most ``MAX_LIST_CLASSES``); a class with no
+    line is an error unless ``allow_empty_classes``."""
+    from cmw_transfer.dataset.lists import MAX_LIST_CLASSES, parse_label_list
 
     source = Path(path).expanduser()
     if not source.is_file():
@@ -92,6 +96,10 @@ def load_list(path: str | Path, root: str | Path | None = None, split: str = "tr
     parsed = parse_label_list(source, base)
     if not parsed.labels.size:
         raise UserError(f"list:{path}: {source} has no 'relative/path label' lines")
-    num_classes = int(parsed.labels.max()) + 1
-    check_no_empty_classes(parsed.labels, num_classes, f"list:{path} ({source})")
+    top = int(np.argmax(parsed.labels))
+    num_classes = int(parsed.labels[top]) + 1
+    if num_classes > MAX_LIST_CLASSES:
+        raise UserError(f"{source}:{int(parsed.line_numbers[top])}: label {num_classes - 1} is out of range (a list "
+                        f"names classes 0..{MAX_LIST_CLASSES - 1}); labels must be class indices 0..C-1")
+    check_no_empty_classes(parsed.labels, num_classes, f"list:{path} ({source})", allow=allow_empty_classes)
     return FileDataset(f"list:{path}", parsed.paths, parsed.labels, num_classes, root=base, split=split, **kwargs)

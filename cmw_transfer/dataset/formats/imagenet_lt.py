@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from cmw_transfer.dataset.base import FileDataset
-from cmw_transfer.dataset.lists import check_no_empty_classes, parse_label_list
+from cmw_transfer.dataset.classes import check_no_empty_classes
+from cmw_transfer.dataset.lists import parse_label_list
 from cmw_transfer.errors import UserError
 
 NUM_CLASSES = 1000
@@ -31,7 +32,8 @@ def list_file(root: Path, split: str) -> Path:
                     "lists")
 
 
-def load(root: str | Path | None, split: str = "train", **kwargs: Any) -> FileDataset:
+def load(root: str | Path | None, split: str = "train", *, allow_empty_classes: bool = False,
+         **kwargs: Any) -> FileDataset:
     if root is None:
         raise UserError("imagenet-lt needs --data-dir DIR: the ImageNet root with train/, val/ and "
                         "ImageNet_LT_train.txt, ImageNet_LT_val.txt, ImageNet_LT_test.txt")
@@ -44,5 +46,6 @@ def load(root: str | Path | None, split: str = "train", **kwargs: Any) -> FileDa
         labels = np.where((parsed.labels >= 0) & (parsed.labels < NUM_CLASSES), parsed.labels, NUM_CLASSES)
         return FileDataset("imagenet-lt", parsed.paths, labels, NUM_CLASSES + 1, root=root, split=split, **kwargs)
     parsed = parse_label_list(source, root, num_classes=NUM_CLASSES)
-    check_no_empty_classes(parsed.labels, NUM_CLASSES, f"imagenet-lt {split} ({source})")
+    check_no_empty_classes(parsed.labels, NUM_CLASSES, f"imagenet-lt {split} ({source})",
+                           allow=allow_empty_classes)
     return FileDataset("imagenet-lt", parsed.paths, parsed.labels, NUM_CLASSES, root=root, split=split, **kwargs)

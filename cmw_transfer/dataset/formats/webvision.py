@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from cmw_transfer.dataset.base import FileDataset, PathTable
-from cmw_transfer.dataset.lists import check_no_empty_classes, parse_label_list, require_files
+from cmw_transfer.dataset.classes import check_no_empty_classes
+from cmw_transfer.dataset.lists import parse_label_list, require_files
 from cmw_transfer.errors import UserError
 
 GOOGLE = "info/train_filelist_google.txt"
@@ -30,11 +31,12 @@ def _class_names(root: Path, num_classes: int) -> list[str] | None:
     synsets = root / "info" / "synsets.txt"
     if not synsets.exists():
         return None
-    names = [line.strip() for line in synsets.read_text(errors="replace").splitlines() if line.strip()]
+    names = [line.strip() for line in synsets.read_text("utf-8-sig", errors="replace").splitlines() if line.strip()]
     return names[:num_classes] if len(names) >= num_classes else None
 
 
-def load(name: str, root: str | Path | None, split: str = "train", **kwargs: Any) -> FileDataset:
+def load(name: str, root: str | Path | None, split: str = "train", *, allow_empty_classes: bool = False,
+         **kwargs: Any) -> FileDataset:
     if root is None:
         raise UserError(f"{name} needs --data-dir DIR: the WebVision root holding {GOOGLE}, {FLICKR}, {VAL} and the "
                         "image folders")
@@ -59,6 +61,6 @@ def load(name: str, root: str | Path | None, split: str = "train", **kwargs: Any
     if mini:
         keep = np.flatnonzero(labels < num_classes)
         paths, labels = paths.take(keep), labels[keep]
-    check_no_empty_classes(labels, num_classes, f"{name} {split} ({root})")
+    check_no_empty_classes(labels, num_classes, f"{name} {split} ({root})", allow=allow_empty_classes)
     return FileDataset(name, paths, labels, num_classes, classes=_class_names(root, num_classes), root=root,
                        split=split, **kwargs)

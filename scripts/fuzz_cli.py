@@ -1,0 +1,349 @@
+"""Replay a catalogue of bad and hostile inputs against the real ``cmw-transfer`` CLI, one subprocess each.
+
+Every bad input must end with exactly one ``error: ...`` line on stderr and exit code 2 (no traceback, no
+"this is a bug"); a few hostile-but-valid inputs have a documented outcome instead (exit 0, output checked).
+Prints one line per case and the pass/fail/skip counts; exits 1 if any case fails.
+
+    python scripts/fuzz_cli.py              # the whole catalogue (minutes: some cases train one tiny epoch)
+    python scripts/fuzz_cli.py --fast       # the subset that fails at parse or list time (CI, < 1 min)
+    python scripts/fuzz_cli.py -k lr -v     # cases whose id contains "lr", with their stderr
+    python scripts/fuzz_cli.py --list       # the catalogue, without running it
+
+Cases that need a small tmpfs (full disk, read-only mount) run only where ``mount -t tmpfs`` works (root);
+elsewhere they are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_APPLY = ("apply", "--dataset", "digits", "--weighting", "none", "--model", "small_cnn", "--epochs", "1",
+              "--workers", "0", "--no-progress", "--device", "cpu")
+TINY_METATRAIN = ("metatrain", "--src", "digits-pmd", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
+                  "--device", "cpu", "--quiet")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One command line. ``{ws}`` in an argument is the scratch workspace with the fixtures."""
+
+    id: str
+    args: tuple[str, ...]
+    expect: str = "error"  # "error": exit 2 + one error line; "ok": exit 0
+    match: str = ""  # must appear in the error line ("error") or in stdout ("ok")
+    forbid: tuple[str, ...] = ()  # must not appear in stdout or stderr
+    fast: bool = False  # in the --fast subset
+    item: str = ""  # where the case comes from (issue item), for the report
+    needs: str = ""  # "tmpfs": needs the small file systems
+    only_line: bool = True  # the error line is the only stderr line (else: the last one, after progress lines)
+    timeout: int = 300
+
+
+def _apply(*extra: str) -> tuple[str, ...]:
+    return (*TINY_APPLY, "--out", "{ws}/runs/{case}", *extra)
+
+
+def _opt(option: str, value: str, *, fast: bool = False, item: str = "9", cmd: str = "apply") -> Case:
+    base = _apply() if cmd == "apply" else (*TINY_METATRAIN, "--out", "{ws}/runs/{case}")
+    if cmd == "data":
+        base = ("data", "--dataset", "digits")
+    return Case(f"{cmd}{option}={value}", (*base, option, value), match=f"'{option}'", fast=fast, item=item)
+
+
+CATALOGUE: tuple[Case, ...] = (
+    # -- numeric and device options: refused while parsing, before any data or model is loaded (items 8, 9)
+    _opt("--lr", "nan", fast=True), _opt("--lr", "inf"), _opt("--lr", "-inf"), _opt("--lr", "1e308", fast=True),
+    _opt("--lr", "0"), _opt("--lr", "abc"), _opt("--momentum", "nan"), _opt("--momentum", "1"),
+    _opt("--weight-decay", "-1"), _opt("--focal-gamma", "nan"), _opt("--focal-gamma", "-1"),
+    _opt("--cb-beta", "1.5"), _opt("--cb-beta", "nan"), _opt("--mixup-alpha", "nan"),
+    _opt("--teacher-decay", "2"), _opt("--imbalance", "nan"), _opt("--imbalance", "0.5"),
+    _opt("--seed", str(2**63), fast=True), _opt("--seed", "-1"), _opt("--seed", "1" + "0" * 40),
+    _opt("--img-size", "0"), _opt("--img-size", "-5"), _opt("--img-size", "100000", fast=True, item="10"),
+    _opt("--device", "meta", fast=True), _opt("--device", "garbage"), _opt("--device", "cuda:99999"),
+    _opt("--epochs", "0"), _opt("--epochs", "-3"), _opt("--batch-size", "0"), _opt("--batch-size", str(2**40)),
+    _opt("--workers", "-1"), _opt("--eval-every", "0"), _opt("--families", "0"), _opt("--families", str(10**9)),
+    _opt("--nproc", "0"), _opt("--open-accept", "0"), _opt("--open-threshold", "-1"), _opt("--cosine-scale", "0"),
+    _opt("--dcl-weight", "nan"), _opt("--oltr-stage1-epochs", "0"), _opt("--warmup-epochs", "-1"),
+    _opt("--meta-lr", "nan", fast=True, cmd="metatrain"), _opt("--lr", "inf", cmd="metatrain"),
+    _opt("--ema-decay", "2", cmd="metatrain"), _opt("--weight-decay", "-1", cmd="metatrain"),
+    _opt("--mixup-alpha", "nan", cmd="metatrain"), _opt("--seed", "-1", cmd="metatrain"),
+    _opt("--device", "meta", cmd="metatrain"), _opt("--hidden-size", "0", cmd="metatrain"),
+    _opt("--meta-interval", "0", cmd="metatrain"), _opt("--epochs", "0", cmd="metatrain"),
+    _opt("--seed", str(2**64), cmd="data"), _opt("--imbalance", "inf", cmd="data"),
+    _opt("--families", str(10**12), fast=True, cmd="data"),
+    # -- --nproc 2: the error once, last, exit 2, before any worker starts (item 8)
+    Case("apply--nproc2--lr=nan", _apply("--nproc", "2", "--lr", "nan"), match="'--lr'", fast=True, item="8"),
+    Case("apply--nproc2-unknown-dataset", (*_apply("--nproc", "2")[:2], "nope", *_apply("--nproc", "2")[3:]),
+         match="unknown dataset 'nope'", fast=True, item="8"),
+    Case("apply--nproc2-bad-noise", _apply("--nproc", "2", "--noise", "bogus:1"), match="noise", item="8"),
+    Case("apply--nproc2-missing-weights", (*_apply("--nproc", "2")[:4], "cmw", *_apply("--nproc", "2")[5:],
+                                           "--weights", "{ws}/nope"), match="nope", item="8"),
+    Case("apply--nproc2-missing-list", _apply("--nproc", "2", "--dataset", "list:{ws}/nope.txt",
+                                              "--eval-dataset", "digits"), match="nope.txt", item="8"),
+    # -- list files (items 8, 17, 18)
+    Case("data-list-label-999999999999999999", ("data", "--dataset", "list:{ws}/lists/huge_label.txt"),
+         match="999999999999999999", fast=True, item="8"),
+    Case("data-list-label-19-digits", ("data", "--dataset", "list:{ws}/lists/long_label.txt"), match="malformed",
+         item="8"),
+    Case("data-list-negative-label", ("data", "--dataset", "list:{ws}/lists/negative.txt"), match="-1"),
+    Case("data-list-no-label", ("data", "--dataset", "list:{ws}/lists/no_label.txt"), match="malformed"),
+    Case("data-list-empty-file", ("data", "--dataset", "list:{ws}/lists/empty.txt"), match="no 'relative/path"),
+    Case("data-list-binary", ("data", "--dataset", "list:{ws}/lists/binary.txt"), match="malformed"),
+    Case("data-list-utf16", ("data", "--dataset", "list:{ws}/lists/utf16.txt"), match="UTF-16", item="17"),
+    Case("data-list-missing", ("data", "--dataset", "list:{ws}/lists/nope.txt"), match="not found"),
+    Case("data-list-is-a-folder", ("data", "--dataset", "list:{ws}/lists"), match="not found"),
+    Case("data-list-utf8-bom", ("data", "--dataset", "list:{ws}/lists/bom.txt", "--json"), expect="ok",
+         match='"num_samples": 2', fast=True, item="17"),
+    Case("data-webvision-empty-classes", ("data", "--dataset", "webvision-full", "--data-dir", "{ws}/webvision"),
+         expect="ok", match="empty:       2 of 1000 classes have no samples (class 3, 17)", fast=True, item="18"),
+    Case("data-list-control-chars-in-line", ("data", "--dataset", "list:{ws}/lists/ansi_line.txt"),
+         match="malformed", forbid=("\x1b",), item="15"),
+    # -- unwritable or full outputs (item 11)
+    Case("data--plot-under-proc", ("data", "--dataset", "digits", "--plot", "/proc/cmw-fuzz/x.png"),
+         match="/proc/cmw-fuzz/x.png", fast=True, item="11"),
+    Case("data--plot-under-a-file", ("data", "--dataset", "digits", "--plot", "{ws}/afile/x.png"),
+         match="afile", item="11"),
+    Case("inspect--plot-under-proc", ("inspect", "--weights", "{ws}/nets/good", "--plot", "/proc/cmw-fuzz.png"),
+         match="/proc/cmw-fuzz.png", item="11"),
+    Case("apply--out-under-proc", (*_apply()[:-2], "--out", "/proc/cmw-fuzz-run"), match="/proc/cmw-fuzz-run",
+         only_line=False, item="11"),
+    Case("metatrain--out-under-proc", (*TINY_METATRAIN, "--out", "/proc/cmw-fuzz-meta"), match="/proc/cmw-fuzz-meta",
+         only_line=False, item="11"),
+    Case("data--plot-read-only", ("data", "--dataset", "digits", "--plot", "{ro}/x.png"), match="Read-only",
+         needs="tmpfs", item="11"),
+    Case("data--plot-full-disk", ("data", "--dataset", "digits", "--plot", "{full}/x.png"),
+         match="No space left on device", needs="tmpfs", item="11"),
+    Case("inspect--plot-full-disk", ("inspect", "--weights", "{ws}/nets/good", "--plot", "{full}/c.png"),
+         match="No space left on device", needs="tmpfs", item="11"),
+    Case("apply--out-read-only", (*_apply()[:-2], "--out", "{ro}/run"), match="Read-only", needs="tmpfs",
+         only_line=False, item="11"),
+    Case("apply--out-full-disk-torch.save", (*_apply()[:-2], "--out", "{small}/run"),
+         match="No space left on device", needs="tmpfs", only_line=False, item="11"),
+    # -- untrusted artifact text (item 15)
+    Case("inspect-ansi-provenance", ("inspect", "--weights", "{ws}/nets/ansi"), expect="ok",
+         match="\\x1b[2J", forbid=("\x1b", "\nforged: "), item="15"),
+    # -- malformed artifacts (item 8: provenance and config.json of the wrong type)
+    *(Case(f"inspect-provenance-{kind}", ("inspect", "--weights", f"{{ws}}/nets/prov_{kind}"), match="provenance",
+           item="8") for kind in ("str", "int", "list")),
+    *(Case(f"inspect-config.json-{kind}", ("inspect", "--weights", f"{{ws}}/nets/cfg_{kind}"), match="config.json",
+           item="8") for kind in ("5", "null", "true", "str", "not-utf8")),
+    # -- run directories given as --out (item 2, 8)
+    Case("apply--out-is-a-file", (*_apply()[:-2], "--out", "{ws}/afile"), match="afile", only_line=False, item="8"),
+    Case("apply--out-under-a-file", (*_apply()[:-2], "--out", "{ws}/afile/run"), match="afile", only_line=False,
+         item="8"),
+    Case("apply--out-empty", (*_apply()[:-2], "--out", ""), match="--out", only_line=False, item="2"),
+    # -- a model that cannot take the input (item 8)
+    Case("apply-vit-on-8x8", _apply("--model", "vit_tiny_patch16_224"), match="vit_tiny_patch16_224",
+         only_line=False, item="8"),
+)
+
+
+# -- fixtures ----------------------------------------------------------------------------------------------------
+def _write_lists(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "huge_label.txt").write_text("a.png 0\nb.png 999999999999999999\n")
+    (folder / "long_label.txt").write_text("a.png 0\nb.png 9999999999999999999999\n")
+    (folder / "negative.txt").write_text("a.png 0\nb.png -1\n")
+    (folder / "no_label.txt").write_text("a.png 0\nb.png\n")
+    (folder / "empty.txt").write_text("\n\n")
+    (folder / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (folder / "utf16.txt").write_text("a.png 0\nb.png 1\n", encoding="utf-16")
+    (folder / "bom.txt").write_bytes(b"\xef\xbb\xbfa.png 0\nb.png 1\n")
+    (folder / "ansi_line.txt").write_bytes(b"a.png 0\n\x1b[2Jforged\n")
+
+
+def _write_webvision(root: Path, empty: tuple[int, ...] = (3, 17)) -> None:
+    """A WebVision 1.0 layout whose 1,000-class lists leave ``empty`` classes without a line."""
+    (root / "info").mkdir(parents=True)
+    lines = [f"google/q{c:04d}/{k}.jpg {c}" for c in range(1000) if c not in empty for k in range(2)]
+    (root / "info" / "train_filelist_google.txt").write_text("\n".join(lines) + "\n")
+    (root / "info" / "train_filelist_flickr.txt").write_text("flickr/q0000/0.jpg 0\n")
+    (root / "info" / "val_filelist.txt").write_text("".join(f"{c}.jpg {c}\n" for c in range(1000)))
+
+
+def _rewrite_config(weights: Path, edit) -> None:
+    """Change the config JSON inside a safetensors header (the length prefix is recomputed)."""
+    blob = weights.read_bytes()
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    key = "cmw_transfer.config"
+    config = json.loads(header["__metadata__"][key])
+    edit(config)
+    header["__metadata__"][key] = json.dumps(config)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + size:])
+
+
+def _write_nets(folder: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from cmw_transfer.artifact.net import CMWNet
+
+    torch.manual_seed(0)
+    net = CMWNet(hidden_size=8, num_heads=3).with_scales([10.0, 40.0, 90.0], {"min": 0.0, "p50": 0.7, "max": 8.0})
+    net.provenance = {"source": "digits-pmd"}
+    net.save_pretrained(folder / "good")
+
+    def variant(name: str, edit=None, config_json: bytes | None = None) -> None:
+        shutil.copytree(folder / "good", folder / name)
+        if edit is not None:
+            _rewrite_config(folder / name / "model.safetensors", edit)
+            (folder / name / "config.json").unlink()
+        if config_json is not None:
+            (folder / name / "config.json").write_bytes(config_json)
+
+    variant("ansi", lambda c: c.update(provenance={"source": "\x1b[2J\x1b[31mred", "note": "x\nforged: line"}))
+    variant("prov_str", lambda c: c.update(provenance="just a string"))
+    variant("prov_int", lambda c: c.update(provenance=5))
+    variant("prov_list", lambda c: c.update(provenance=["a", "b"]))
+    for kind, text in (("5", b"5"), ("null", b"null"), ("true", b"true"), ("str", b'"a string"'),
+                       ("not-utf8", b'{"hidden_size": 8, "x": "\xff\xfe"}')):
+        variant(f"cfg_{kind}", config_json=text)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str, *options: str) -> Iterator[bool]:
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((*options, f"size={size}")), "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fill(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path / "filler", "wb") as fh:
+        while True:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+
+
+@contextlib.contextmanager
+def workspace(need_tmpfs: bool) -> Iterator[dict[str, str]]:
+    """The fixtures every case refers to, in a temporary folder; small file systems mounted where allowed."""
+    with tempfile.TemporaryDirectory(prefix="cmw-fuzz-") as tmp:
+        ws = Path(tmp)
+        _write_lists(ws / "lists")
+        _write_webvision(ws / "webvision")
+        _write_nets(ws / "nets")
+        (ws / "afile").write_text("a regular file\n")
+        (ws / "runs").mkdir()
+        (ws / "cwd").mkdir()
+        with contextlib.ExitStack() as stack:
+            places = {"ws": str(ws), "ro": "", "full": "", "small": ""}
+            if need_tmpfs:
+                ok = [stack.enter_context(_tmpfs(ws / "ro", "64k", "ro")),
+                      stack.enter_context(_tmpfs(ws / "full", "64k")),
+                      stack.enter_context(_tmpfs(ws / "small", "64k"))]
+                if all(ok):
+                    _fill(ws / "full")
+                    places.update(ro=str(ws / "ro"), full=str(ws / "full"), small=str(ws / "small"))
+            yield places
+
+
+# -- running and judging -----------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    case: Case
+    status: str  # PASS, FAIL, SKIP
+    reason: str
+    seconds: float
+    stderr: str = ""
+
+
+def judge(case: Case, rc: int, out: str, err: str) -> str:
+    """Empty string when the outcome is the documented one, else what is wrong."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    for text in case.forbid:
+        if text in out or text in err:
+            return f"output contains {text!r}"
+    if "Traceback" in err or "this is a bug" in err:
+        return f"exit {rc} with a traceback / 'bug' line"
+    if case.expect == "ok":
+        if rc != 0:
+            return f"exit {rc}, expected 0 ({lines[-1] if lines else 'no stderr'})"
+        return "" if case.match in out else f"stdout lacks {case.match!r}"
+    errors = [line for line in lines if line.startswith("error: ")]
+    if rc != 2:
+        return f"exit {rc}, expected 2 ({lines[-1][:150] if lines else 'no stderr'})"
+    if len(errors) != 1:
+        return f"{len(errors)} error lines, expected 1"
+    if lines[-1] != errors[0]:
+        return "the error line is not the last stderr line"
+    if case.only_line and len(lines) != 1:
+        return f"{len(lines)} stderr lines, expected only the error line"
+    if case.match not in errors[0]:
+        return f"error line lacks {case.match!r}: {errors[0][:150]}"
+    return ""
+
+
+def run_case(case: Case, places: dict[str, str]) -> Outcome:
+    if case.needs == "tmpfs" and not places["ro"]:
+        return Outcome(case, "SKIP", "no tmpfs (mount -t tmpfs needs root)", 0.0)
+    args = [arg.format(**places, case="".join(ch if ch.isalnum() else "_" for ch in case.id)) for arg in case.args]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cmw_transfer", *args], capture_output=True, text=True,
+                              errors="backslashreplace", env=env, cwd=Path(places["ws"]) / "cwd",
+                              timeout=case.timeout)
+    except subprocess.TimeoutExpired:
+        return Outcome(case, "FAIL", f"timed out after {case.timeout}s", time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    problem = judge(case, proc.returncode, proc.stdout, proc.stderr)
+    return Outcome(case, "FAIL" if problem else "PASS", problem, seconds, proc.stderr)
+
+
+def select(fast: bool, pattern: str | None) -> list[Case]:
+    return [c for c in CATALOGUE if (c.fast or not fast) and (pattern is None or pattern in c.id)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fast", action="store_true", help="only the parse/list-time subset (CI)")
+    parser.add_argument("-k", dest="pattern", default=None, help="only cases whose id contains this")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="cases run at once (default 2)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the stderr of failed cases")
+    parser.add_argument("--list", action="store_true", help="print the catalogue and exit")
+    args = parser.parse_args(argv)
+    cases = select(args.fast, args.pattern)
+    if args.list:
+        for c in cases:
+            print(f"{c.id:<44} item {c.item or '-':<3} {'fast' if c.fast else '    '} {' '.join(c.args)}")
+        return 0
+    start = time.perf_counter()
+    with workspace(any(c.needs == "tmpfs" for c in cases)) as places, \
+            ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        outcomes = []
+        for outcome in pool.map(lambda c: run_case(c, places), cases):
+            outcomes.append(outcome)
+            reason = f"  {outcome.reason}" if outcome.reason else ""
+            print(f"{outcome.status} {outcome.case.id:<44} {outcome.seconds:5.1f}s{reason}", flush=True)
+            if args.verbose and outcome.status == "FAIL":
+                print("\n".join("    " + line[:200] for line in outcome.stderr.strip().splitlines()[-6:]))
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("PASS", "FAIL", "SKIP")}
+    print(f"{len(outcomes)} cases{' (--fast)' if args.fast else ''}: {counts['PASS']} passed, {counts['FAIL']} failed, "
+          f"{counts['SKIP']} skipped in {time.perf_counter() - start:.1f}s")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
