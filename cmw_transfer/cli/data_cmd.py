@@ -15,7 +15,6 @@ import numpy as np
 
 from cmw_transfer.cli.options import FAMILIES, IMBALANCE, SEED, emit
 from cmw_transfer.cli.text import printable
-from cmw_transfer.dataset.classes import describe_empty_classes, empty_classes, nonempty_classes
 from cmw_transfer.errors import UserError
 
 if TYPE_CHECKING:
@@ -28,6 +27,7 @@ def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
     """The JSON-able summary ``data`` prints: counts, families, noise."""
     from cmw_transfer.artifact.curves import family_names
     from cmw_transfer.artifact.scales import fit_families
+    from cmw_transfer.dataset.classes import empty_classes, nonempty_classes
 
     counts = ds.class_counts()
     present = nonempty_classes(counts)  # empty classes have no size: they join no family
@@ -113,6 +113,8 @@ def _print_text(info: dict) -> None:
     click.echo(f"samples:     {info['num_samples']} (labels digest {info['labels_digest']})")
     click.echo(f"classes:     {info['num_classes']}")
     if info["num_empty_classes"]:
+        from cmw_transfer.dataset.classes import describe_empty_classes
+
         click.echo(f"empty:       {describe_empty_classes(np.asarray(info['class_counts']))}; they join no family "
                    "and training leaves them out")
     noise = info["noise_rate"]
