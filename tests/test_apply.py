@@ -20,15 +20,12 @@ from cmw_transfer.artifact.scales import DegenerateScalesWarning
 from cmw_transfer.cli import main
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics import evaluate
-from cmw_transfer.trainer.apply import (
-    ApplyConfig,
-    ApplyStepper,
-    evaluate_sharded,
-    loss_range_report,
-    run_apply,
-    target_families,
-)
+from cmw_transfer.trainer.apply import run_apply
 from cmw_transfer.trainer.common import DistributedContext, make_loader
+from cmw_transfer.trainer.config import ApplyConfig
+from cmw_transfer.trainer.evaluation import evaluate_sharded
+from cmw_transfer.trainer.families import loss_range_report, target_families
+from cmw_transfer.trainer.steps import ApplyStepper
 from cmw_transfer.weighting import CMWLoss
 from tests.helpers import downweighting_net
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import click
+from click.core import ParameterSource
 
 from cmw_transfer.errors import UserError
 
@@ -37,6 +38,17 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
             args += [param.opts[0], str(value)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "-m", "cmw_transfer", "apply", *args]
+
+
+def config_from_file(cls: type, path: str, ctx: click.Context) -> dict[str, object]:
+    """The settings of ``--config FILE`` (validated by the stage's config class), as a dict."""
+    return cls.from_file(path).to_dict()
+
+
+def options_from_command_line(ctx: click.Context, options: dict[str, object]) -> dict[str, object]:
+    """The options the user typed (not click defaults): they override ``--config``."""
+    return {k: v for k, v in options.items()
+            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)}
 
 
 def _parse_milestones(text: str) -> tuple[int, ...]:
@@ -135,8 +147,11 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
 @click.option("--open-accept", type=float, default=0.95, show_default=True,
               help="Without --open-threshold: the fraction of known test samples the threshold accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's config.json; options given on "
+                   "the command line override it.")
 @click.pass_context
-def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) -> None:
+def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, config_file: str | None, **options: object) -> None:
     """Train --model on --dataset with the frozen net from --weights (or plain ERM with --weighting none).
 
     --trainer oltr trains OLTR (two stages) with the same weighting; --open-classes / --open-dataset add the
@@ -150,13 +165,16 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise SystemExit(subprocess.call(_relaunch_argv(ctx, nproc)))
 
-    from cmw_transfer.trainer.apply import ApplyConfig, run_apply
-    from cmw_transfer.trainer.oltr import parse_open_classes
+    from cmw_transfer.trainer.apply import run_apply
+    from cmw_transfer.trainer.config import ApplyConfig
+    from cmw_transfer.trainer.openset import parse_open_classes
 
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
     options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
     options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
-    summary = run_apply(ApplyConfig(**options))  # type: ignore[arg-type]
+    if config_file:
+        options = {**config_from_file(ApplyConfig, config_file, ctx), **options_from_command_line(ctx, options)}
+    summary = run_apply(ApplyConfig.from_dict(options))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -61,7 +62,13 @@ def derive_seed(*parts: int) -> int:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """torch seeds each worker from the loader's generator; NumPy and ``random`` follow from it."""
+    """torch seeds each worker from the loader's generator; NumPy and ``random`` follow from it.
+
+    Workers ignore SIGINT / SIGTERM: the main process (the engine) handles them once and shuts the workers
+    down, instead of a worker dying first and the interrupt surfacing as "DataLoader worker exited unexpectedly".
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     base = torch.initial_seed() % 2**32
     np.random.seed(base)
     random.seed(base)
