@@ -1,8 +1,9 @@
 """Fault injection for the resume tests, on the test side: engine callbacks that crash a run at a given step.
 
 In-process: ``with crash_at(epoch, step, SomeError): run(...)``. In a subprocess (a real kill -9):
-``python -m tests.faults kill EPOCH:STEP -- apply ...`` registers a callback that SIGKILLs the process when the
-engine reaches that step (1-based epoch index, 0-based step), then runs the CLI with the remaining arguments.
+``python -m tests.faults KILL EPOCH:STEP -- apply ...`` registers a callback that sends the process SIGKILL (or
+``INT``, ``TERM``, ...) when the engine reaches that step (1-based epoch, 0-based step), then runs the CLI with the
+remaining arguments.
 """
 
 from __future__ import annotations
@@ -39,15 +40,16 @@ def crash_at(epoch: int, step: int, error: type[BaseException]) -> Iterator[None
         remove_callback(callback)
 
 
-def kill_command(epoch_step: str, *args: str) -> list[str]:
-    """argv that runs ``cmw-transfer ARGS`` and SIGKILLs itself at EPOCH:STEP."""
-    return [sys.executable, "-m", "tests.faults", "kill", epoch_step, "--", *args]
+def kill_command(epoch_step: str, *args: str, sig: str = "KILL") -> list[str]:
+    """argv that runs ``cmw-transfer ARGS`` and sends itself SIG<sig> (default SIGKILL) at EPOCH:STEP."""
+    return [sys.executable, "-m", "tests.faults", sig, epoch_step, "--", *args]
 
 
 def _main(argv: list[str]) -> None:
-    assert argv[0] == "kill" and argv[2] == "--", argv
+    assert argv[2] == "--", argv
+    sig = signal.Signals[f"SIG{argv[0]}"]
     epoch, step = (int(part) for part in argv[1].split(":"))
-    register_callback(AtStep(epoch, step, lambda: os.kill(os.getpid(), signal.SIGKILL)))
+    register_callback(AtStep(epoch, step, lambda: os.kill(os.getpid(), sig)))
     from cmw_transfer.cli import main
 
     main(argv[3:])

@@ -262,7 +262,10 @@ class Engine:
     # -- signals ----------------------------------------------------------------------------------------------------
     def _check_signal(self) -> None:
         if self._signal is not None:
-            raise Interrupted(self._signal, self.stage.out, self._last_label)
+            exc = Interrupted(self._signal, self.stage.out, self._last_label)
+            if self.stage.ctx.is_main:  # the CLI reports a KeyboardInterrupt as a bare "aborted"
+                tqdm.write(f"interrupted by {exc}", file=sys.stderr)
+            raise exc
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
