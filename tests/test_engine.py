@@ -335,3 +335,33 @@ def test_no_import_cycle_in_the_trainer_package():
     proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(cmw_transfer.trainer.__file__).parents[2])})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """A random "augmentation" per access: what exact resume must reproduce."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(3) + i, i % 2
+
+
+def _epoch_batches(loader: Any, epoch: int) -> list[torch.Tensor]:
+    loader.set_epoch(epoch)
+    return [x for x, _ in loader]
+
+
+def test_persistent_workers_keep_every_epoch_reproducible_alone():
+    def loader(workers: int) -> Any:
+        return make_loader(_Augmented(), 6, train=True, workers=workers, seed=3, distributed=False, collate_fn=None)
+
+    two = loader(2)
+    assert two.persistent_workers
+    _epoch_batches(two, 0)
+    after_epoch_0 = _epoch_batches(two, 1)
+    fresh = _epoch_batches(loader(2), 1)  # a resumed run starts at epoch 1 with new workers
+    one_worker = _epoch_batches(loader(1), 1)
+    for a, b, c in zip(after_epoch_0, fresh, one_worker, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(torch.cat(after_epoch_0), torch.cat(_epoch_batches(two, 2)))

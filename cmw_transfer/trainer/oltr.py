@@ -95,7 +95,7 @@ def class_aware_loader(ds: Any, cfg: ApplyConfig, ctx: DistributedContext) -> Ep
     return EpochLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                        collate_fn=_default_collate(), pin_memory=torch.cuda.is_available(),
                        drop_last=len(sampler) >= cfg.batch_size, worker_init_fn=_seed_worker,
-                       generator=torch.Generator(), persistent_workers=False,
+                       generator=torch.Generator(),
                        base_seed=derive_seed(cfg.seed, ctx.rank))
 
 
