@@ -150,3 +150,44 @@ def test_sigint_with_workers_exits_130_and_resume_finishes(tmp_path):
     summary = run_apply(replace(saved, resume=True, workers=0, progress=False))
     assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert summary["final"]["test_top1"] is not None
+
+
+def test_a_run_that_never_applies_its_weighting_says_so(tmp_path):
+    with pytest.warns(UserWarning, match="never had a meta step"):
+        MetaTrainer(meta_cfg(tmp_path / "meta", epochs=1, warmup_epochs=1), progress=False).run()
+    weights = tmp_path / "net"
+    downweighting_net().save_pretrained(weights)
+    with pytest.warns(UserWarning, match="weighting is never applied"):
+        run_apply(apply_cfg(tmp_path / "apply", weights, epochs=1, warmup_epochs=1))
+
+
+# -- configuration ------------------------------------------------------------------------------------------------
+def test_configs_round_trip_through_files_and_refuse_unknown_keys(tmp_path, meta_run):
+    cfg = apply_cfg(tmp_path / "o", tmp_path / "w", extra_eval=("a=list:x",), decay_milestones=(3, 5))
+    (tmp_path / "c.json").write_text(json.dumps({**cfg.to_dict(), "fingerprint": cfg.fingerprint()}))
+    back = ApplyConfig.from_file(tmp_path / "c.json")
+    assert back == cfg and back.fingerprint() == cfg.fingerprint()
+    assert MetaTrainConfig.from_file(meta_run / "run.json") == meta_cfg(meta_run)  # run.json loads back
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"dataset": "digits", "out": "o", "lr": 0.3}))
+    assert ApplyConfig.from_file(tmp_path / "c.yaml").lr == 0.3
+    (tmp_path / "bad.json").write_text(json.dumps({"dataset": "digits", "out": "o", "lrr": 0.3}))
+    with pytest.raises(UserError, match="unknown apply setting.*lrr"):
+        ApplyConfig.from_file(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="must be a JSON/YAML object"):
+        ApplyConfig.from_file(tmp_path / "list.json")
+    with pytest.raises(UserError, match="--lr must be a finite number"):
+        ApplyConfig(dataset="digits", out="o", lr=float("nan")).validate()
+
+
+def test_cli_config_file_with_command_line_overrides(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"dataset": "digits", "out": "ignored", "model": MODEL,
+                                                 "epochs": 3, "weighting": "none", "workers": 0, "lr": 0.07}))
+    out = tmp_path / "run"
+    code, stdout, err = call_main(["apply", "--config", str(tmp_path / "c.json"), "--dataset", "digits", "--out",
+                                   str(out), "--epochs", "1", "--no-progress", "--json"], capsys)
+    assert code == 0, err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["lr"] == 0.07 and saved["model"] == MODEL and saved["out"] == str(out)
+    assert json.loads(stdout)["epochs"] == 1

@@ -16,6 +16,7 @@ never imports it.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -157,6 +158,9 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
     """Train, evaluate, write the run directory; returns the summary (every rank gets it)."""
     cfg.validate()
     RunDirectory(cfg.out, "apply", resume=cfg.resume, overwrite=cfg.overwrite).check()  # before any work
+    if cfg.weighting != "none" and cfg.warmup_epochs >= max(cfg.stage_epochs()) and os.environ.get("RANK", "0") == "0":
+        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} covers every epoch (--epochs {cfg.epochs}): the run is "
+                      f"plain cross-entropy and the {cfg.weighting} weighting is never applied", stacklevel=2)
     # a checkpoint of another configuration is refused before any data or model is loaded
     state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint()) if cfg.resume else None
     ctx = DistributedContext.from_env(cfg.device)

@@ -64,11 +64,11 @@ def derive_seed(*parts: int) -> int:
 def _seed_worker(worker_id: int) -> None:
     """torch seeds each worker from the loader's generator; NumPy and ``random`` follow from it.
 
-    Workers ignore SIGINT / SIGTERM: the main process (the engine) handles them once and shuts the workers
-    down, instead of a worker dying first and the interrupt surfacing as "DataLoader worker exited unexpectedly".
+    Workers ignore SIGINT (Ctrl-C reaches the whole process group): the main process (the engine) handles it
+    once and shuts the workers down, instead of a worker dying first and the interrupt surfacing as "DataLoader
+    worker exited unexpectedly". SIGTERM keeps its default: the loader's own shutdown terminates workers with it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     base = torch.initial_seed() % 2**32
     np.random.seed(base)
     random.seed(base)

@@ -23,8 +23,9 @@ The engine owns what every stage shares; a stage (a :class:`Stage` subclass regi
 Resume is exact because nothing random carries over an epoch boundary except what the checkpoint holds: the
 loaders' order and worker seeds are functions of ``(seed, epoch)`` and ``seed_epoch`` re-seeds the rest.
 
-SIGINT and SIGTERM are handled here, once: the run stops at the next step boundary with :class:`Interrupted`
-(a ``KeyboardInterrupt``: exit 130 from the CLI), and the checkpoint of the last finished epoch is intact.
+SIGINT and SIGTERM are handled here, once: the run stops at the next step boundary (at once under DDP, where
+torchrun signals every rank) with :class:`Interrupted` (a ``KeyboardInterrupt``: exit 130 from the CLI), and the
+checkpoint of the last finished epoch is intact.
 Callbacks (:func:`register_callback`) see every step and epoch: tests use them to inject faults.
 """
 
@@ -194,7 +195,8 @@ class Engine:
             with self._signals():
                 for epoch in range(start, stage.total_epochs()):
                     self._epoch(epoch, log)
-                summary = strict_json(stage.finish(log.read() if log is not None else [], time.perf_counter() - t_run))
+            # an interrupt during the export is Python's own: files are written atomically and a resume re-exports
+            summary = strict_json(stage.finish(log.read() if log is not None else [], time.perf_counter() - t_run))
             if ctx.is_main and stage.summary_name:
                 write_json(stage.out / stage.summary_name, summary)
             ctx.barrier()
@@ -275,7 +277,9 @@ class Engine:
             return
 
         def handler(signum: int, frame: Any) -> None:
-            if self._signal is not None and signum == signal.SIGINT:
+            # under DDP every rank must leave at the same step or the others wait in a collective: leave at once
+            # (torchrun signals every rank and ends the job); a second SIGINT does not wait either
+            if self.stage.ctx.enabled or (self._signal is not None and signum == signal.SIGINT):
                 raise Interrupted(signum, self.stage.out, self._last_label)
             self._signal = signum
 

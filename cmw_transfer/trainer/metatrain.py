@@ -12,6 +12,7 @@ so a run killed during its export re-exports the identical net, and a finished r
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,9 @@ class MetaTrainer(Stage):
         return self.engine.run()
 
     def finish(self, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+        if not any(row.get("meta_steps") for row in rows):
+            warnings.warn(f"the exported net never had a meta step (--warmup-epochs {self.cfg.warmup_epochs} >= "
+                          f"--epochs {self.cfg.epochs}): its weights are its random initialisation", stacklevel=2)
         net = self.export()
         return {"out": str(self.out), "final": rows[-1] if rows else {}, "centers": net.centers,
                 "loss_range": net.loss_range}
