@@ -31,7 +31,7 @@ def meta_cfg(out: Path, **kw) -> MetaTrainConfig:
 
 def apply_cfg(out: Path, weights: Path, **kw) -> ApplyConfig:
     base = dict(dataset="digits", out=str(out), weights=str(weights), imbalance=10.0, model=MODEL, epochs=2,
-                warmup_epochs=1, batch_size=64, lr=0.05, workers=0, seed=0, progress=False, device="cpu")
+                warmup_epochs=0, batch_size=64, lr=0.05, workers=0, seed=0, progress=False, device="cpu")
     return ApplyConfig(**{**base, **kw})
 
 
@@ -191,3 +191,22 @@ def test_cli_config_file_with_command_line_overrides(tmp_path, capsys):
     saved = json.loads((out / "config.json").read_text())
     assert saved["epochs"] == 1 and saved["lr"] == 0.07 and saved["model"] == MODEL and saved["out"] == str(out)
     assert json.loads(stdout)["epochs"] == 1
+
+
+def test_the_identity_of_a_hub_net_names_the_commit_it_resolved_to(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from cmw_transfer.artifact.net import CMWNet
+    from cmw_transfer.trainer.apply import artifact_identity
+    from tests.test_weights_spec import write_hub_cache
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "a" * 40
+    repo = write_hub_cache(tmp_path, "org/net", commit, make_net())
+    (repo / "refs" / "main").write_text(commit)
+    net = CMWNet.from_pretrained("hub:org/net")
+    identity = artifact_identity("hub:org/net", net)
+    assert identity["weights revision"] == commit
+    assert identity["weights digest"] == artifact_identity(str(repo / "snapshots" / commit), net)["weights digest"]
+    assert artifact_identity("x", make_net(seed=1))["weights digest"] != identity["weights digest"]
