@@ -325,7 +325,8 @@ def test_no_import_cycle_in_the_trainer_package():
 
     for m in modules:
         if m not in state:
-            assert cycle_from(m, [m]) is None, " -> ".join(cycle_from(m, [m]) or [])
+            found = cycle_from(m, [m])
+            assert found is None, "import cycle: " + " -> ".join(found or [])
     assert "cmw_transfer.trainer.oltr" not in graph["cmw_transfer.trainer.apply"]  # stages found by the registry
     engine_level = ("engine", "checkpoint", "rundir", "evaluation", "common", "registry")
     stages = {"cmw_transfer.trainer.apply", "cmw_transfer.trainer.oltr", "cmw_transfer.trainer.metatrain"}
