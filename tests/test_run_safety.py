@@ -67,10 +67,11 @@ def test_metatrain_resume_of_a_finished_run_has_nothing_to_do(meta_run, tmp_path
     assert _snapshot(out) == before  # model.safetensors untouched (never a zero loss range)
 
 
-def test_metatrain_killed_during_its_export_re_exports_the_same_net(meta_run, tmp_path):
+@pytest.mark.parametrize("lost", ["model.safetensors", "curves.png"])
+def test_metatrain_killed_during_its_export_re_exports_the_same_net(meta_run, tmp_path, lost):
     out = tmp_path / "run"
     shutil.copytree(meta_run, out)
-    (out / "model.safetensors").unlink()
+    (out / lost).unlink()
     result = MetaTrainer(meta_cfg(out), resume=True, progress=False).run()
     assert (out / "model.safetensors").read_bytes() == (meta_run / "model.safetensors").read_bytes()
     assert result["loss_range"]["max"] > 0 and result["final"]["epoch"] == 1

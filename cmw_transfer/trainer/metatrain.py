@@ -49,6 +49,7 @@ from cmw_transfer.trainer.rundir import RunDirectory
 from cmw_transfer.trainer.soft_labels import PseudoLabelBank, make_teacher, mix_inputs, sample_mixup, teacher_probs
 
 RUN_NAME = "run.json"
+EXPORT_FILES = (WEIGHTS_NAME, "config.json", "README.md", "curves.png")  # written by export(), in this order
 
 
 @register_trainer("metatrain")
@@ -198,7 +199,8 @@ class MetaTrainer(Stage):
 
     # -- engine hooks: the run ----------------------------------------------------------------------------------------
     def start(self, epoch: int) -> None:
-        if epoch >= self.cfg.epochs and (self.out / WEIGHTS_NAME).is_file():
+        """A finished run whose export is complete has nothing to resume; one killed during its export re-exports."""
+        if epoch >= self.cfg.epochs and all((self.out / name).is_file() for name in EXPORT_FILES):
             raise UserError(f"--resume: the run in {self.out} finished all {self.cfg.epochs} epochs and its net is "
                             f"exported ({WEIGHTS_NAME}): nothing to resume")
 
