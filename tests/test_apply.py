@@ -143,7 +143,8 @@ def test_sharded_evaluation_equals_metrics_evaluate():
 # -- a whole run --------------------------------------------------------------------------------------------------
 def test_run_directory_contents(digits_run):
     out, summary, _ = digits_run
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "families.json",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",
+                                                     "classifier_best.safetensors", "config.json", "families.json",
                                                      "metrics.jsonl", "summary.json"]
     fam = json.loads((out / "families.json").read_text())
     counts = np.array(fam["class_counts"])
@@ -163,6 +164,19 @@ def test_run_directory_contents(digits_run):
     fields = {f.name for f in dataclasses.fields(ApplyConfig)}
     assert config["model"] == MODEL and config["epochs"] == 2
     assert config["fingerprint"] == ApplyConfig(**{k: v for k, v in config.items() if k in fields}).fingerprint()
+
+
+def test_final_and_best_classifiers_are_exported_as_safetensors(digits_run):
+    from safetensors.torch import load_file
+
+    out, summary, _ = digits_run
+    final = load_file(out / "classifier.safetensors")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert final.keys() == state.keys() and all(torch.equal(final[k], v) for k, v in state.items())
+    best = load_file(out / "classifier_best.safetensors")
+    assert best.keys() == final.keys()
+    same = all(torch.equal(best[k], v) for k, v in final.items())
+    assert same == (summary["best_epoch"] == 2)  # the best epoch's weights, kept when it happened
 
 
 def test_warns_when_target_losses_leave_the_artifacts_range(digits_run):

@@ -45,7 +45,8 @@ def test_two_gloo_processes_agree_and_only_rank0_writes(tmp_path, weights_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by rank 0
     assert proc.stdout.count('"world_size": 2') == 1 and summary["world_size"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "families.json",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",
+                                                     "classifier_best.safetensors", "config.json", "families.json",
                                                      "metrics.jsonl", "summary.json"]  # no stray temp files
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one writer
     fam = json.loads((out / "families.json").read_text())

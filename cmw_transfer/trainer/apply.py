@@ -49,6 +49,18 @@ from cmw_transfer.weighting import CMWLoss
 CONFIG_NAME = "config.json"
 FAMILIES_NAME = "families.json"
 SUMMARY_NAME = "summary.json"
+CLASSIFIER_NAME = "classifier.safetensors"  # the final classifier's weights (timm/safetensors, no pickle)
+BEST_CLASSIFIER_NAME = "classifier_best.safetensors"  # the best-test-top-1 epoch's, kept as it happens
+
+
+def save_classifier(model: nn.Module, path: Path) -> None:
+    """The classifier's weights as safetensors, atomically (shared tensors handled by ``save_model``)."""
+    from safetensors.torch import save_model
+
+    from cmw_transfer.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
 
 
 def artifact_identity(spec: str, net: CMWNet) -> dict[str, Any]:
@@ -361,12 +373,16 @@ class ERMTrainer(Stage):
         top1 = row.get("test_top1")
         if top1 is not None and (self.best["top1"] is None or top1 > self.best["top1"]):
             self.best = {"top1": top1, "epoch": epoch + 1}
+            if self.ctx.is_main:
+                save_classifier(self.model, s.out / BEST_CLASSIFIER_NAME)
         return row
 
     def epoch_line(self, row: dict[str, Any]) -> str:
         return _epoch_line(row)
 
     def finish(self, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+        if self.ctx.is_main:
+            save_classifier(self.model, self.out / CLASSIFIER_NAME)
         return _summary(self.s, self.final_eval, self.best, rows, seconds)
 
 

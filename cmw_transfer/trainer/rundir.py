@@ -23,7 +23,8 @@ from cmw_transfer.errors import UserError
 
 LOCK_NAME = ".lock"
 RUN_FILES = {  # what each kind writes (the last two are the exported net's)
-    "apply": ("config.json", "families.json", "metrics.jsonl", "checkpoint.pt", "summary.json"),
+    "apply": ("config.json", "families.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
+              "classifier.safetensors", "classifier_best.safetensors"),
     "metatrain": ("run.json", "checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "README.md",
                   "curves.png"),
 }
@@ -39,7 +40,7 @@ def detect_kind(path: Path) -> str | None:
         return "metatrain"
     if "model.safetensors" in names:
         return "net"
-    if names & {"checkpoint.pt", "families.json", "summary.json"}:
+    if names & {"checkpoint.pt", "families.json", "summary.json", "classifier.safetensors"}:
         return "apply"
     return None
 
