@@ -145,7 +145,7 @@ def test_run_directory_contents(digits_run):
     out, summary, _ = digits_run
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",
                                                      "classifier_best.safetensors", "config.json", "families.json",
-                                                     "metrics.jsonl", "summary.json"]
+                                                     "metrics.jsonl", "summary.json", "training.png"]
     fam = json.loads((out / "families.json").read_text())
     counts = np.array(fam["class_counts"])
     assert counts.sum() == 539 and len(fam["family_of_class"]) == 10 and fam["ranks_agree"]
@@ -177,6 +177,10 @@ def test_final_and_best_classifiers_are_exported_as_safetensors(digits_run):
     assert best.keys() == final.keys()
     same = all(torch.equal(best[k], v) for k, v in final.items())
     assert same == (summary["best_epoch"] == 2)  # the best epoch's weights, kept when it happened
+    from PIL import Image
+
+    with Image.open(out / "training.png") as img:
+        assert img.format == "PNG" and img.size[0] > img.size[1] > 100
 
 
 def test_warns_when_target_losses_leave_the_artifacts_range(digits_run):

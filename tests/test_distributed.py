@@ -45,9 +45,9 @@ def test_two_gloo_processes_agree_and_only_rank0_writes(tmp_path, weights_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by rank 0
     assert proc.stdout.count('"world_size": 2') == 1 and summary["world_size"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",  # no stray temps
                                                      "classifier_best.safetensors", "config.json", "families.json",
-                                                     "metrics.jsonl", "summary.json"]  # no stray temp files
+                                                     "metrics.jsonl", "summary.json", "training.png"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one writer
     fam = json.loads((out / "families.json").read_text())
     assert len(fam["rank_digests"]) == 2 and len(set(fam["rank_digests"])) == 1 and fam["ranks_agree"]

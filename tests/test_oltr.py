@@ -215,7 +215,7 @@ def test_short_two_stage_run_reports_shot_splits_and_open_set(oltr_run):
     out, summary = oltr_run
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",
                                                      "classifier_best.safetensors", "config.json", "families.json",
-                                                     "metrics.jsonl", "summary.json"]
+                                                     "metrics.jsonl", "summary.json", "training.png"]
     rows = _rows(out)
     assert [(r["epoch"], r["stage"], r["weighted"]) for r in rows] == [(1, 1, False), (2, 1, True),
                                                                        (3, 2, False), (4, 2, True)]

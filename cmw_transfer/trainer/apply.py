@@ -42,6 +42,7 @@ from cmw_transfer.trainer.evaluation import amp_setup, evaluate_sharded, sync_bu
 from cmw_transfer.trainer.families import RANGE_TOLERANCE, loss_range_report, target_families
 from cmw_transfer.trainer.openset import evaluate_open_set, prepare_open_set
 from cmw_transfer.trainer.registry import create_trainer, register_trainer
+from cmw_transfer.trainer.report import plot_training
 from cmw_transfer.trainer.rundir import RunDirectory
 from cmw_transfer.trainer.steps import ApplyStepper, Criterion, SoftLabelState
 from cmw_transfer.weighting import CMWLoss
@@ -51,6 +52,7 @@ FAMILIES_NAME = "families.json"
 SUMMARY_NAME = "summary.json"
 CLASSIFIER_NAME = "classifier.safetensors"  # the final classifier's weights (timm/safetensors, no pickle)
 BEST_CLASSIFIER_NAME = "classifier_best.safetensors"  # the best-test-top-1 epoch's, kept as it happens
+TRAINING_PLOT_NAME = "training.png"
 
 
 def save_classifier(model: nn.Module, path: Path) -> None:
@@ -383,6 +385,10 @@ class ERMTrainer(Stage):
     def finish(self, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         if self.ctx.is_main:
             save_classifier(self.model, self.out / CLASSIFIER_NAME)
+            if rows:
+                cfg = self.s.cfg
+                plot_training(rows, self.out / TRAINING_PLOT_NAME,
+                              f"{cfg.trainer} / {cfg.weighting} on {cfg.dataset} ({cfg.model})")
         return _summary(self.s, self.final_eval, self.best, rows, seconds)
 
 

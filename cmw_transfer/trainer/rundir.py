@@ -24,7 +24,7 @@ from cmw_transfer.errors import UserError
 LOCK_NAME = ".lock"
 RUN_FILES = {  # what each kind writes (the last two are the exported net's)
     "apply": ("config.json", "families.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
-              "classifier.safetensors", "classifier_best.safetensors"),
+              "classifier.safetensors", "classifier_best.safetensors", "training.png"),
     "metatrain": ("run.json", "checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "README.md",
                   "curves.png"),
 }
