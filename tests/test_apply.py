@@ -20,15 +20,12 @@ from cmw_transfer.artifact.scales import DegenerateScalesWarning
 from cmw_transfer.cli import main
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics import evaluate
-from cmw_transfer.trainer.apply import (
-    ApplyConfig,
-    ApplyStepper,
-    evaluate_sharded,
-    loss_range_report,
-    run_apply,
-    target_families,
-)
+from cmw_transfer.trainer.apply import run_apply
 from cmw_transfer.trainer.common import DistributedContext, make_loader
+from cmw_transfer.trainer.config import ApplyConfig
+from cmw_transfer.trainer.evaluation import evaluate_sharded
+from cmw_transfer.trainer.families import loss_range_report, target_families
+from cmw_transfer.trainer.steps import ApplyStepper
 from cmw_transfer.weighting import CMWLoss
 from tests.helpers import downweighting_net
 
@@ -146,8 +143,9 @@ def test_sharded_evaluation_equals_metrics_evaluate():
 # -- a whole run --------------------------------------------------------------------------------------------------
 def test_run_directory_contents(digits_run):
     out, summary, _ = digits_run
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "families.json",
-                                                     "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",
+                                                     "classifier_best.safetensors", "config.json", "families.json",
+                                                     "metrics.jsonl", "summary.json", "training.png"]
     fam = json.loads((out / "families.json").read_text())
     counts = np.array(fam["class_counts"])
     assert counts.sum() == 539 and len(fam["family_of_class"]) == 10 and fam["ranks_agree"]
@@ -166,6 +164,23 @@ def test_run_directory_contents(digits_run):
     fields = {f.name for f in dataclasses.fields(ApplyConfig)}
     assert config["model"] == MODEL and config["epochs"] == 2
     assert config["fingerprint"] == ApplyConfig(**{k: v for k, v in config.items() if k in fields}).fingerprint()
+
+
+def test_final_and_best_classifiers_are_exported_as_safetensors(digits_run):
+    from safetensors.torch import load_file
+
+    out, summary, _ = digits_run
+    final = load_file(out / "classifier.safetensors")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert final.keys() == state.keys() and all(torch.equal(final[k], v) for k, v in state.items())
+    best = load_file(out / "classifier_best.safetensors")
+    assert best.keys() == final.keys()
+    same = all(torch.equal(best[k], v) for k, v in final.items())
+    assert same == (summary["best_epoch"] == 2)  # the best epoch's weights, kept when it happened
+    from PIL import Image
+
+    with Image.open(out / "training.png") as img:
+        assert img.format == "PNG" and img.size[0] > img.size[1] > 100
 
 
 def test_warns_when_target_losses_leave_the_artifacts_range(digits_run):

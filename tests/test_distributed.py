@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmw_transfer.trainer.apply import KILL_ENV, ApplyConfig, run_apply
+from cmw_transfer.trainer.apply import run_apply
+from cmw_transfer.trainer.config import ApplyConfig
+from tests.faults import kill_command
 from tests.helpers import downweighting_net
 
 MODEL = "test_resnet"  # a tiny timm model
@@ -20,11 +22,12 @@ MODEL = "test_resnet"  # a tiny timm model
 
 
 
-def _apply(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+def _apply(*args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full_env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "cmw_transfer", "apply", "--no-progress", *args],
-                          capture_output=True, text=True, env=full_env, timeout=300)
+    argv = ["apply", "--no-progress", *args]
+    command = kill_command(kill_at, *argv) if kill_at else [sys.executable, "-m", "cmw_transfer", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,9 @@ def test_two_gloo_processes_agree_and_only_rank0_writes(tmp_path, weights_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by rank 0
     assert proc.stdout.count('"world_size": 2') == 1 and summary["world_size"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "families.json",
-                                                     "metrics.jsonl", "summary.json"]  # no stray temp files
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",  # no stray temps
+                                                     "classifier_best.safetensors", "config.json", "families.json",
+                                                     "metrics.jsonl", "summary.json", "training.png"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one writer
     fam = json.loads((out / "families.json").read_text())
     assert len(fam["rank_digests"]) == 2 and len(set(fam["rank_digests"])) == 1 and fam["ranks_agree"]
@@ -84,7 +88,7 @@ def test_resume_after_kill_9_reaches_the_same_final_state(tmp_path, weights_dir)
     args = ["--weights", str(weights_dir), "--dataset", "digits", "--noise", "asym:0.4", "--imbalance", "10",
             "--model", MODEL, "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "64", "--lr", "0.05",
             "--workers", "0", "--seed", "3", "--soft-labels", "--device", "cpu", "--out", str(out)]
-    crashed = _apply(*args, env={KILL_ENV: "2:3"})  # SIGKILL itself after 3 steps of epoch 2
+    crashed = _apply(*args, kill_at="2:3")  # SIGKILL itself after 3 steps of epoch 2
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (out / "summary.json").exists()

@@ -10,6 +10,7 @@ import torch
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.metatrain import MetaTrainConfig, MetaTrainer
+from tests.faults import crash_at
 from tests.helpers import call_main
 
 
@@ -35,22 +36,13 @@ def test_run_writes_a_loadable_artifact(tmp_path):
     assert run["centers"] == result["centers"]
 
 
-def test_resume_after_interrupted_epoch_is_exact(tmp_path, monkeypatch):
+def test_resume_after_interrupted_epoch_is_exact(tmp_path):
     full = MetaTrainer(small_cfg(tmp_path / "a"), progress=False)
     full.run()
     cfg = small_cfg(tmp_path / "b")
     broken = MetaTrainer(cfg, progress=False)
-    original = MetaTrainer.train_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt  # killed in the middle of the last epoch
-        return original(self, epoch)
-
-    monkeypatch.setattr(MetaTrainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at(3, 4, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):  # in the middle of the last epoch
         broken.run()
-    monkeypatch.setattr(MetaTrainer, "train_epoch", original)
     resumed = MetaTrainer(cfg, resume=True, progress=False)
     assert resumed.start_epoch == 2
     resumed.run()

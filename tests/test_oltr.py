@@ -24,17 +24,13 @@ from cmw_transfer.models.oltr import (
     discriminative_centroid_loss,
     reachability,
 )
-from cmw_transfer.trainer import apply as apply_module
-from cmw_transfer.trainer.apply import KILL_ENV, OLTR_FIELDS, RESUME_FREE, ApplyConfig, run_apply
+from cmw_transfer.trainer.apply import run_apply
 from cmw_transfer.trainer.checkpoint import config_fingerprint
 from cmw_transfer.trainer.common import DistributedContext, make_loader
-from cmw_transfer.trainer.oltr import (
-    ClassAwareSampler,
-    class_centroids,
-    hold_out_classes,
-    parse_open_classes,
-    train_eval_view,
-)
+from cmw_transfer.trainer.config import OLTR_FIELDS, RESUME_FREE, ApplyConfig
+from cmw_transfer.trainer.oltr import ClassAwareSampler
+from cmw_transfer.trainer.openset import class_centroids, hold_out_classes, parse_open_classes, train_eval_view
+from tests.faults import crash_at
 
 MODEL = "test_resnet"  # a tiny timm model: 96-d pooled features, a 1x1 feature map on 8x8 digits
 CPU = DistributedContext(torch.device("cpu"))
@@ -217,8 +213,9 @@ def oltr_run(tmp_path_factory, weights_dir) -> tuple[Path, dict]:
 
 def test_short_two_stage_run_reports_shot_splits_and_open_set(oltr_run):
     out, summary = oltr_run
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "families.json",
-                                                     "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",
+                                                     "classifier_best.safetensors", "config.json", "families.json",
+                                                     "metrics.jsonl", "summary.json", "training.png"]
     rows = _rows(out)
     assert [(r["epoch"], r["stage"], r["weighted"]) for r in rows] == [(1, 1, False), (2, 1, True),
                                                                        (3, 2, False), (4, 2, True)]
@@ -264,21 +261,16 @@ def test_stage1_is_the_erm_run_and_the_memory_its_class_means(oltr_run, tmp_path
 
 
 @pytest.mark.parametrize("kill_at", ["3:1", "4:2"])  # crash in the first stage-2 epoch / mid stage 2
-def test_resume_continues_either_stage_exactly(kill_at, oltr_run, tmp_path, weights_dir, monkeypatch):
+def test_resume_continues_either_stage_exactly(kill_at, oltr_run, tmp_path, weights_dir):
     ref_out, reference = oltr_run
 
     class CrashError(Exception):
         pass
 
-    def crash(pid, sig):
-        raise CrashError
-
     out = tmp_path / "crashed"
-    monkeypatch.setenv(KILL_ENV, kill_at)
-    monkeypatch.setattr(apply_module.os, "kill", crash)
-    with pytest.raises(CrashError):
+    epoch, step = (int(part) for part in kill_at.split(":"))
+    with crash_at(epoch, step, CrashError), pytest.raises(CrashError):
         run_apply(oltr_config(out, weights_dir))
-    monkeypatch.delenv(KILL_ENV)
     done = int(kill_at.split(":")[0]) - 1
     assert [r["epoch"] for r in _rows(out)] == list(range(1, done + 1))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["stage"] == (1 if done == 2 else 2)
@@ -355,8 +347,8 @@ def test_relaunch_keeps_oltr_options_and_leaves_the_auto_attention_alone():
 # -- ImageNet-LT's open split -------------------------------------------------------------------------------------
 def test_imagenet_lt_open_list_is_the_open_set(tmp_path):
     from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.apply import _setup
-    from cmw_transfer.trainer.oltr import evaluate_open_set
+    from cmw_transfer.trainer.apply import build_setup as _setup
+    from cmw_transfer.trainer.openset import evaluate_open_set
     from tests.fixtures_data import write_imagenet_lt, write_png
 
     rows = write_imagenet_lt(tmp_path)

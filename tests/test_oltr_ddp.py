@@ -15,7 +15,7 @@ from cmw_transfer.metrics import evaluate
 from cmw_transfer.models import create_model
 from cmw_transfer.models.oltr import ModulatedAttention, OLTRModel
 from cmw_transfer.trainer.common import make_loader
-from cmw_transfer.trainer.oltr import hold_out_classes
+from cmw_transfer.trainer.openset import hold_out_classes
 
 MODEL = "test_resnet"
 

@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 from cmw_transfer.cli.launch import run_under_torchrun
 from cmw_transfer.cli.options import (
@@ -36,7 +37,7 @@ from cmw_transfer.cli.options import (
 from cmw_transfer.errors import UserError
 
 if TYPE_CHECKING:
-    from cmw_transfer.trainer.apply import ApplyConfig
+    from cmw_transfer.trainer.config import ApplyConfig
 
 
 def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
@@ -60,6 +61,17 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
             args += [param.opts[0], str(value)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "-m", "cmw_transfer", "apply", *args]
+
+
+def config_from_file(cls: type, path: str, ctx: click.Context) -> dict[str, object]:
+    """The settings of ``--config FILE`` (validated by the stage's config class), as a dict."""
+    return cls.from_file(path).to_dict()
+
+
+def options_from_command_line(ctx: click.Context, options: dict[str, object]) -> dict[str, object]:
+    """The options the user typed (not click defaults): they override ``--config``."""
+    return {k: v for k, v in options.items()
+            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)}
 
 
 def _parse_milestones(text: str) -> tuple[int, ...]:
@@ -182,8 +194,11 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--open-accept", type=FRACTION, default=0.95, show_default=True,
               help="Without --open-threshold: the fraction of known test samples the threshold accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's config.json; options given on "
+                   "the command line override it.")
 @click.pass_context
-def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) -> None:
+def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, config_file: str | None, **options: object) -> None:
     """Train --model on --dataset with the frozen net from --weights (or plain ERM with --weighting none).
 
     --trainer oltr trains OLTR (two stages) with the same weighting; --open-classes / --open-dataset add the
@@ -193,17 +208,19 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, **options: object) 
     summary.json into --out, all atomically.
     """
     from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
-    from cmw_transfer.trainer.apply import ApplyConfig, run_apply
-    from cmw_transfer.trainer.oltr import parse_open_classes
+    from cmw_transfer.trainer.apply import run_apply
+    from cmw_transfer.trainer.config import ApplyConfig
+    from cmw_transfer.trainer.openset import parse_open_classes
 
     configure_threads(options.pop("threads"), local_world_size())  # type: ignore[arg-type]  (per rank)
-    if options["workers"] is None:
-        options["workers"] = default_workers(local_world_size())
-
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
     options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
     options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
-    cfg = ApplyConfig(**options)  # type: ignore[arg-type]
+    if config_file:
+        options = {**config_from_file(ApplyConfig, config_file, ctx), **options_from_command_line(ctx, options)}
+    if options.get("workers") is None:
+        options["workers"] = default_workers(local_world_size())
+    cfg = ApplyConfig.from_dict(options)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _preflight(cfg)
         raise SystemExit(run_under_torchrun(_relaunch_argv(ctx, nproc)))

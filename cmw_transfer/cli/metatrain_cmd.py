@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from cmw_transfer.cli import options as opt
-from cmw_transfer.trainer.metatrain import METHODS, MetaTrainConfig, recipe_for
+from cmw_transfer.trainer.config import METHODS, MetaTrainConfig, recipe_for
 
 # option name -> (type, help); defaults come from the source's recipe, then from MetaTrainConfig
 OPTIONS: dict[str, tuple[Any, str]] = {
@@ -41,6 +41,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "seed": (opt.SEED, "Random seed."),
     "device": (opt.DEVICE, "auto, cpu, cuda or cuda:N."),
     "workers": (opt.WORKERS, "DataLoader worker processes."),
+    "eval_dataset": (str, "Test set of the classifier (required for list:/folder: sources, which have none)."),
 }
 
 
@@ -55,15 +56,28 @@ def _apply_options(command):
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (artifact).")
 @_apply_options
 @click.option("--mirror-optimizer", is_flag=True, help="Virtual step with the real momentum and weight decay.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same --epochs).")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out that already holds a meta-train run.")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's run.json; options given on the "
+                   "command line override it.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
-def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, quiet: bool, **options) -> None:
-    """Meta-train a CMW-Net / MW-Net / CMW-Net-SL weighting net; defaults follow the source's recipe."""
+def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, overwrite: bool, config_file: str | None,
+                  quiet: bool, **options) -> None:
+    """Meta-train a CMW-Net / MW-Net / CMW-Net-SL weighting net; defaults follow the source's recipe.
+
+    Prints the result as one JSON object on stdout; per-epoch lines and the progress bar go to stderr.
+    """
     from cmw_transfer.trainer.metatrain import MetaTrainer
 
     values = {f.name: f.default for f in fields(MetaTrainConfig)}
     values.update(recipe_for(src))
+    if config_file:
+        values.update(MetaTrainConfig.from_file(config_file).to_dict())
     values.update({k: v for k, v in options.items() if v is not None})
-    values.update(src=src, out=out, mirror_optimizer=mirror_optimizer)
-    result = MetaTrainer(MetaTrainConfig(**values), resume=resume, progress=not quiet).run()
+    values.update(src=src, out=out)
+    if mirror_optimizer:
+        values["mirror_optimizer"] = True
+    cfg = MetaTrainConfig.from_dict(values)
+    result = MetaTrainer(cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
     click.echo(json.dumps(result, sort_keys=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -61,7 +62,13 @@ def derive_seed(*parts: int) -> int:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """torch seeds each worker from the loader's generator; NumPy and ``random`` follow from it."""
+    """torch seeds each worker from the loader's generator; NumPy and ``random`` follow from it.
+
+    Workers ignore SIGINT (Ctrl-C reaches the whole process group): the main process (the engine) handles it
+    once and shuts the workers down, instead of a worker dying first and the interrupt surfacing as "DataLoader
+    worker exited unexpectedly". SIGTERM keeps its default: the loader's own shutdown terminates workers with it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     base = torch.initial_seed() % 2**32
     np.random.seed(base)
     random.seed(base)
@@ -103,12 +110,64 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader whose ``set_epoch`` also re-seeds the worker seeds, so epoch ``e`` is reproducible alone."""
+class _EpochKeys(Sampler):
+    """Yields ``(epoch, index)`` so that a persistent worker knows which epoch a sample belongs to."""
 
-    def __init__(self, *args: Any, base_seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.inner, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, int(i)) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+
+class SeededPerSample(Dataset):
+    """``ds[i]`` with torch / NumPy / ``random`` seeded from ``(seed, epoch, i)`` first: a sample's augmentation
+    is a function of the run, not of which persistent worker loaded it or what it loaded before."""
+
+    def __init__(self, ds: Dataset, seed: int) -> None:
+        self.ds, self.seed = ds, int(seed)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        seed = derive_seed(self.seed, epoch, index)
+        torch.default_generator.manual_seed(seed)  # CPU only (workers make CPU tensors): 100x cheaper than manual_seed
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        return self.ds[index]
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped dataset's attributes (targets, classes, ...)
+        if name in ("ds", "seed"):
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader whose ``set_epoch`` also re-seeds the worker seeds, so epoch ``e`` is reproducible alone.
+
+    With workers, they are persistent (started once, not per epoch: faster, and no worker start-up racing an
+    interrupt at an epoch boundary); each sample is then seeded from ``(seed, epoch, index)``
+    (:class:`SeededPerSample`), so resume stays exact. Without workers the main process's streams, re-seeded per
+    epoch by the engine, drive the augmentation as before.
+    """
+
+    def __init__(self, dataset: Dataset, *args: Any, base_seed: int = 0, **kwargs: Any) -> None:
         self.base_seed = int(base_seed)
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["persistent_workers"] = True
+            kwargs["sampler"] = _EpochKeys(kwargs["sampler"])
+            dataset = SeededPerSample(dataset, self.base_seed)
+        super().__init__(dataset, *args, **kwargs)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -170,7 +229,6 @@ def make_loader(
         drop_last=drop_last,
         worker_init_fn=_seed_worker,
         generator=generator,
-        persistent_workers=False,
         base_seed=derive_seed(seed, rank),
     )
 

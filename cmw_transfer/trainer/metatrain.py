@@ -1,165 +1,77 @@
-"""The meta-train stage: learn the weighting net on a biased source and write it as an artifact.
+"""The meta-train stage (``metatrain``: cmwnet / mwnet / cmwnet-sl): learn the weighting net on a biased source
+and write it as an artifact.
 
 Per iteration: one training forward (shared), a meta step every ``meta_interval`` iterations after the CE
 warm-up (:func:`cmw_transfer.trainer.metastep.meta_gradient`), then the real step on the weighted loss with the
-updated net. Every epoch: metrics line, checkpoint (atomic), and for lowest-loss/GMM meta sets a rebuilt meta set.
-All randomness of an epoch is derived from ``(seed, epoch)``, so ``--resume`` continues exactly.
+updated net. Every epoch (run by :class:`~cmw_transfer.trainer.engine.Engine`): metrics line, checkpoint
+(atomic), and for lowest-loss/GMM meta sets a rebuilt meta set. All randomness of an epoch is derived from
+``(seed, epoch)``, so ``--resume`` continues exactly; the checkpoint also holds the loss range the export needs,
+so a run killed during its export re-exports the identical net, and a finished run has nothing to resume.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from tqdm import tqdm
 
 from cmw_transfer import __version__
 from cmw_transfer.artifact.curves import family_names, plot_curves
+from cmw_transfer.artifact.fileformat import WEIGHTS_NAME
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.artifact.scales import fit_families
 from cmw_transfer.atomic import write_json
-from cmw_transfer.bias.apply import apply_bias
-from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
+from cmw_transfer.dataset import resolve_source
 from cmw_transfer.errors import UserError
-from cmw_transfer.metrics import MetricsLog, clean_noisy_auc, evaluate
-from cmw_transfer.metrics.log import METRICS_NAME
+from cmw_transfer.metrics import clean_noisy_auc, evaluate
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME, config_fingerprint, load_checkpoint, save_checkpoint
-from cmw_transfer.trainer.common import create_optimizer_and_scheduler, derive_seed, make_loader, resolve_device
-from cmw_transfer.trainer.metasets import (
-    MetaSetSpec,
-    check_class_sizes,
-    gmm_clean_indices,
-    lowest_loss_indices,
-    parse_meta_set,
-    per_sample_losses,
+from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME
+from cmw_transfer.trainer.common import (
+    DistributedContext,
+    create_optimizer_and_scheduler,
+    derive_seed,
+    make_loader,
+    resolve_device,
 )
+from cmw_transfer.trainer.config import MetaTrainConfig
+from cmw_transfer.trainer.data import load_source, stack_batch
+from cmw_transfer.trainer.engine import Engine, Stage
+from cmw_transfer.trainer.metasets import gmm_clean_indices, lowest_loss_indices, parse_meta_set, per_sample_losses
 from cmw_transfer.trainer.metastep import FamusGates, VirtualStep, meta_gradient, parse_meta_grad, virtual_names
 from cmw_transfer.trainer.objectives import TrainBatch, create_objective
+from cmw_transfer.trainer.registry import register_trainer
+from cmw_transfer.trainer.rundir import RunDirectory
 from cmw_transfer.trainer.soft_labels import PseudoLabelBank, make_teacher, mix_inputs, sample_mixup, teacher_probs
 
-METHODS = ("cmwnet", "mwnet", "cmwnet-sl")
-# reuse: the real step uses the gradient the virtual step already computed (weights of the net before its update):
-#        one backward fewer and the training graph is freed before the meta pass (peak memory ~ one step).
-# updated: the paper's order, the real step re-weights with the just-updated net (keeps the graph alive).
-ACTUAL_STEPS = ("reuse", "updated")
+RUN_NAME = "run.json"
+EXPORT_FILES = (WEIGHTS_NAME, "config.json", "README.md", "curves.png")  # written by export(), in this order
 
 
-@dataclass
-class MetaTrainConfig:
-    src: str = "digits-pmd"
-    out: str = "runs/metatrain"
-    data_dir: str | None = None
-    noise: str | None = None
-    imbalance: float | None = None
-    method: str = "cmwnet"
-    families: int = 3
-    model: str = "small_cnn"
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    sched: str = "cosine"
-    meta_lr: float = 1e-3
-    meta_weight_decay: float = 1e-4
-    meta_interval: int = 1
-    meta_batch_size: int = 100
-    meta_set: str = "clean:10"
-    meta_grad: str = "exact"
-    normalization: str = "batch"
-    mirror_optimizer: bool = False
-    actual_step: str = "reuse"
-    warmup_epochs: int = 5
-    hidden_size: int = 100
-    ema_decay: float = 0.99
-    mixup_alpha: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    famus_active: int = 4
+@register_trainer("metatrain")
+class MetaTrainer(Stage):
+    """Stage hooks over a meta-train run; ``resume`` restores the checkpoint at construction (``start_epoch``)."""
 
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        if self.meta_interval < 1:
-            raise UserError(f"--meta-interval must be >= 1 (a meta step every k iterations), got {self.meta_interval}")
-        for name in ("epochs", "batch_size", "meta_batch_size", "families", "hidden_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_epochs < 0:
-            raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        if self.lr <= 0 or self.meta_lr <= 0:
-            raise UserError("--lr and --meta-lr must be > 0")
-        try:
-            parse_meta_grad(self.meta_grad)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        parse_meta_set(self.meta_set)
-        if self.actual_step not in ACTUAL_STEPS:
-            raise UserError(f"--actual-step must be one of {', '.join(ACTUAL_STEPS)}, got '{self.actual_step}'")
-        if self.method == "mwnet":
-            self.families = 1
+    kind = "metatrain"
+    first_epoch = 0  # metrics.jsonl and the checkpoint count meta-train epochs from 0
+    state_keys = ("updates", "model", "wnet", "optimizer", "wnet_optimizer", "teacher", "meta_indices",
+                  "loss_range")
 
-
-# Paper recipes (reference-implementations.md §1.2) and the embedded demo; used for options left unset.
-RECIPES: dict[str, dict[str, Any]] = {
-    "cifar10-pmd": dict(method="cmwnet-sl", model="cifar_resnet32", epochs=120, batch_size=128, lr=0.1,
-                        momentum=0.9, weight_decay=1e-3, sched="cosine", meta_lr=1e-3, meta_weight_decay=1e-4,
-                        meta_interval=10, meta_batch_size=100, meta_set="lowest-loss:10", warmup_epochs=45,
-                        ema_decay=0.999, mixup_alpha=4.0, normalization="batch"),
-    "digits-pmd": dict(method="cmwnet", model="small_cnn", epochs=30, batch_size=64, lr=0.05, meta_lr=1e-3,
-                       meta_interval=1, meta_batch_size=100, meta_set="clean:10", warmup_epochs=5),
-}
-
-
-def recipe_for(src: str) -> dict[str, Any]:
-    return dict(RECIPES.get(src, {}))
-
-
-# -- data -----------------------------------------------------------------------------------------------------------
-@dataclass
-class SourceData:
-    train: LabeledDataset
-    test: LabeledDataset | None
-    clean_meta: LabeledDataset | None
-
-
-def load_source(cfg: MetaTrainConfig, spec: MetaSetSpec) -> SourceData:
-    base, bias = resolve_source(cfg.src, cfg.noise, cfg.imbalance)
-    clean = create_dataset(base, cfg.data_dir, "train")
-    clean_meta = None
-    if spec.kind == "clean":
-        check_class_sizes(clean.class_counts(), spec.per_class, "clean")
-        clean, clean_meta = split_per_class(clean, spec.per_class, seed=cfg.seed)
-    train = clean if bias.is_empty else apply_bias(clean, bias, seed=cfg.seed)
-    if spec.kind == "lowest-loss":
-        check_class_sizes(train.class_counts(), spec.per_class, "lowest-loss")
-    try:
-        test = create_dataset(base, cfg.data_dir, "test")
-    except UserError:
-        test = None
-    return SourceData(train, test, clean_meta)
-
-
-def stack_batch(ds: LabeledDataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [ds[int(i)] for i in indices]
-    return torch.stack([it[0] for it in items]), torch.as_tensor([it[1] for it in items], dtype=torch.long)
-
-
-# -- the stage ------------------------------------------------------------------------------------------------------
-class MetaTrainer:
-    def __init__(self, cfg: MetaTrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: MetaTrainConfig, *, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False) -> None:
         cfg.validate()
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+        RunDirectory(cfg.out, self.kind, resume=resume, overwrite=overwrite).check()  # before any work
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
+        self.ctx = DistributedContext(self.device)
+        self.seed, self.batch_size = cfg.seed, cfg.batch_size
         self.meta_spec = parse_meta_set(cfg.meta_set)
         torch.manual_seed(cfg.seed)
         self.data = load_source(cfg, self.meta_spec)
@@ -200,13 +112,13 @@ class MetaTrainer:
         self.pseudo = PseudoLabelBank(train.targets, self.num_classes, device=self.device) \
             if cfg.method == "cmwnet-sl" else None
         self.meta_indices = None if self.meta_spec.kind == "clean" else np.arange(0)
-        self.fingerprint = config_fingerprint(asdict(cfg), ignore=("epochs", "device", "workers", "out"))
         self.start_epoch = 0
         self.updates = 0
         self.last_losses = np.zeros(0)  # per-sample losses of the last epoch: the artifact's loss range
+        self.saved_loss_range: dict[str, float] | None = None
+        self.engine = Engine(self, resume=resume, overwrite=overwrite)
         if resume:
-            self._restore(load_checkpoint(self.out / CHECKPOINT_NAME, self.fingerprint))
-        self.log = MetricsLog(self.out / METRICS_NAME, resume_from_epoch=self.start_epoch if resume else None)
+            self.start_epoch = self.engine.restore()
 
     def _classifier_prefix(self) -> str:
         head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
@@ -215,10 +127,20 @@ class MetaTrainer:
                 return name
         return list(dict(self.model.named_parameters()))[-1].rsplit(".", 1)[0]
 
-    # -- state ----------------------------------------------------------------------------------------------------
-    def _state(self, epoch: int) -> dict[str, Any]:
+    # -- engine hooks: identity and state -----------------------------------------------------------------------------
+    def total_epochs(self) -> int:
+        return self.cfg.epochs
+
+    def fingerprint(self) -> str:
+        return self.cfg.fingerprint()
+
+    def identity(self) -> dict[str, Any]:
+        """The lr schedule spans ``--epochs``: a resume with another value would train its extra epochs at lr 0."""
+        return {"--epochs": self.cfg.epochs}
+
+    def state_dict(self) -> dict[str, Any]:
         state = {
-            "fingerprint": self.fingerprint, "epoch": epoch, "updates": self.updates,
+            "updates": self.updates, "loss_range": self.loss_range(),
             "model": self.model.state_dict(), "wnet": self.wnet.state_dict(),
             "optimizer": self.optimizer.state_dict(), "wnet_optimizer": self.wnet_optimizer.state_dict(),
             "teacher": self.teacher.module.state_dict(),
@@ -233,7 +155,7 @@ class MetaTrainer:
             state["pseudo"] = self.pseudo.state_dict()
         return state
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.wnet.load_state_dict(state["wnet"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -248,7 +170,8 @@ class MetaTrainer:
             self.pseudo.load_state_dict(state["pseudo"])
         if state["meta_indices"] is not None:
             self.meta_indices = state["meta_indices"].numpy()
-        self.start_epoch, self.updates = int(state["epoch"]) + 1, int(state["updates"])
+        self.updates = int(state["updates"])
+        self.saved_loss_range = {str(k): float(v) for k, v in dict(state["loss_range"]).items()}
 
     # -- meta set ---------------------------------------------------------------------------------------------------
     def rebuild_meta_set(self, epoch: int) -> None:
@@ -273,66 +196,90 @@ class MetaTrainer:
         x, y = stack_batch(ds, take)
         return x.to(self.device), y.to(self.device)
 
-    # -- one epoch ---------------------------------------------------------------------------------------------------
+
+    # -- engine hooks: the run ----------------------------------------------------------------------------------------
+    def start(self, epoch: int) -> None:
+        """A finished run whose export is complete has nothing to resume; one killed during its export re-exports."""
+        if epoch >= self.cfg.epochs and all((self.out / name).is_file() for name in EXPORT_FILES):
+            raise UserError(f"--resume: the run in {self.out} finished all {self.cfg.epochs} epochs and its net is "
+                            f"exported ({WEIGHTS_NAME}): nothing to resume")
+
+    def write_start_files(self, start_epoch: int, resumed: bool) -> None:
+        write_json(self.out / RUN_NAME, {**self.cfg.to_dict(), "fingerprint": self.fingerprint(),
+                                         "class_counts": self.class_counts.tolist(),
+                                         "centers": self.centers.tolist(),
+                                         "family_of_class": self.family_of_class.tolist()})
+
+    def begin_epoch(self, epoch: int) -> str:
+        cfg = self.cfg
+        if epoch >= cfg.warmup_epochs and self.meta_spec.rebuilt_each_epoch:
+            self.rebuild_meta_set(epoch)
+        self.model.train()
+        self.is_weighted = epoch >= cfg.warmup_epochs
+        n = len(self.data.train)
+        self.last_weight, self.last_loss = np.full(n, np.nan), np.full(n, np.nan)
+        self.sums = {"loss": 0.0, "meta_loss": 0.0, "steps": 0, "meta_steps": 0, "samples": 0}
+        self.params = dict(self.model.named_parameters())
+        self.buffers = dict(self.model.named_buffers())
+        return "" if self.is_weighted else " (CE warm-up)"
+
+    def seed_epoch(self, epoch: int) -> None:
+        self.gen = np.random.default_rng(derive_seed(self.cfg.seed, epoch, 1))
+        torch.manual_seed(derive_seed(self.cfg.seed, epoch, 2))
+
+    def train_loader(self) -> Any:
+        return self.loader
+
     def weight_fn(self, loss: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
         return self.wnet(loss, family)
 
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
-        cfg = self.cfg
-        gen = np.random.default_rng(derive_seed(cfg.seed, epoch, 1))
-        torch.manual_seed(derive_seed(cfg.seed, epoch, 2))
-        self.loader.set_epoch(epoch)
-        self.model.train()
-        weighted = epoch >= cfg.warmup_epochs
-        n = len(self.data.train)
-        last_weight, last_loss = np.full(n, np.nan), np.full(n, np.nan)
-        sums = {"loss": 0.0, "meta_loss": 0.0, "steps": 0, "meta_steps": 0, "samples": 0}
-        params = dict(self.model.named_parameters())
-        buffers = dict(self.model.named_buffers())
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
-        start = time.perf_counter()
-        for it, (x, y, idx) in enumerate(bar):
-            x, y = x.to(self.device), y.to(self.device)
-            batch = self._train_batch(x, y, idx, gen, mix=weighted)
-            logits = self.model(batch.x)
-            terms = self.objective.terms(logits, batch)
-            if not torch.isfinite(terms).all():
-                raise UserError(f"non-finite training loss at epoch {epoch + 1}, iteration {it}: the run diverged; "
-                                f"the last checkpoint ({self.out / CHECKPOINT_NAME}) is intact; lower --lr/--meta-lr")
-            reused = None
-            if weighted and it % cfg.meta_interval == 0:
-                meta_loss, reused = self._meta_step(batch, logits, terms, params, buffers, gen)
-                sums["meta_loss"] += meta_loss
-                sums["meta_steps"] += 1
-            if weighted:
-                with torch.no_grad():
-                    coeff = self.objective.coefficients(self.weight_fn, terms.detach(), batch)
-                    w = self.objective.weights(self.weight_fn, terms.detach(), batch)
-                loss = (coeff * terms).sum()
-                w_first = (w[:, 0] if w.dim() == 2 else w).cpu().numpy()
-            else:
-                loss = F.cross_entropy(logits, y)
-                w_first = np.ones(len(y))
-            self.optimizer.zero_grad(set_to_none=True)
-            if reused is None:
-                loss.backward()
-            else:  # the meta step already backpropagated this batch at the net it started from
-                for name, p in params.items():
-                    p.grad = reused[name]
-            self.optimizer.step()
-            self.updates += 1
-            if self.scheduler is not None:
-                self.scheduler.step_update(self.updates)
-            self.teacher.update(self.model)
-            idx_np = idx.numpy()
-            last_weight[idx_np] = w_first
-            last_loss[idx_np] = terms[:, 0].detach().cpu().numpy()
-            sums["loss"] += float(loss.detach()) * len(y)
-            sums["samples"] += len(y)
-            sums["steps"] += 1
-            rate = sums["samples"] / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{rate:.0f}")
-        return self._epoch_row(epoch, sums, last_weight, last_loss, time.perf_counter() - start)
+    def train_step(self, it: int, batch: Any) -> int:
+        cfg, weighted, sums, params = self.cfg, self.is_weighted, self.sums, self.params
+        x, y, idx = batch
+        x, y = x.to(self.device), y.to(self.device)
+        batch = self._train_batch(x, y, idx, self.gen, mix=weighted)
+        logits = self.model(batch.x)
+        terms = self.objective.terms(logits, batch)
+        if not torch.isfinite(terms).all():
+            raise UserError(f"non-finite training loss at epoch {self.epoch_label()}, iteration {it}: the run "
+                            f"diverged; the last checkpoint ({self.out / CHECKPOINT_NAME}) is intact; lower "
+                            "--lr/--meta-lr")
+        reused = None
+        if weighted and it % cfg.meta_interval == 0:
+            meta_loss, reused = self._meta_step(batch, logits, terms, params, self.buffers, self.gen)
+            sums["meta_loss"] += meta_loss
+            sums["meta_steps"] += 1
+        if weighted:
+            with torch.no_grad():
+                coeff = self.objective.coefficients(self.weight_fn, terms.detach(), batch)
+                w = self.objective.weights(self.weight_fn, terms.detach(), batch)
+            loss = (coeff * terms).sum()
+            w_first = (w[:, 0] if w.dim() == 2 else w).cpu().numpy()
+        else:
+            loss = F.cross_entropy(logits, y)
+            w_first = np.ones(len(y))
+        self.optimizer.zero_grad(set_to_none=True)
+        if reused is None:
+            loss.backward()
+        else:  # the meta step already backpropagated this batch at the net it started from
+            for name, p in params.items():
+                p.grad = reused[name]
+        self.optimizer.step()
+        self.updates += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.updates)
+        self.teacher.update(self.model)
+        idx_np = idx.numpy()
+        self.last_weight[idx_np] = w_first
+        self.last_loss[idx_np] = terms[:, 0].detach().cpu().numpy()
+        sums["loss"] += float(loss.detach()) * len(y)
+        sums["samples"] += len(y)
+        sums["steps"] += 1
+        return len(y)
+
+    def epoch_label(self) -> int:
+        return int(self.updates // max(len(self.loader), 1))
+
 
     def _train_batch(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: np.random.Generator,
                      mix: bool) -> TrainBatch:
@@ -371,13 +318,13 @@ class MetaTrainer:
             self.gate_optimizer.step()
         return result.meta_loss, (result.train_grads if reuse else None)
 
-    def _epoch_row(self, epoch: int, sums: dict, weights: np.ndarray, losses: np.ndarray, seconds: float
-                   ) -> dict[str, Any]:
+    def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
+        sums, weights, losses = self.sums, self.last_weight, self.last_loss
         train = self.data.train
         fam = self.family_of_class.cpu().numpy()[train.targets]
         seen = ~np.isnan(weights)
         row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": sums["loss"] / max(sums["samples"], 1), "seconds": round(seconds, 3),
+            "train_loss": sums["loss"] / max(sums["samples"], 1), "seconds": round(seconds, 3),
             "lr": self.optimizer.param_groups[0]["lr"], "meta_steps": sums["meta_steps"],
             "meta_loss": sums["meta_loss"] / sums["meta_steps"] if sums["meta_steps"] else None,
         }
@@ -387,37 +334,40 @@ class MetaTrainer:
         if train.clean_targets is not None and epoch >= self.cfg.warmup_epochs:
             auc = clean_noisy_auc(weights[seen], (train.targets == train.clean_targets)[seen])
             row["clean_noisy_auc"] = None if math.isnan(auc) else auc
-        if self.test_loader is not None:
-            row.update({f"test_{k}": v for k, v in evaluate(self.model, self.test_loader, self.device).items()
-                        if k in ("top1", "top5")})
         self.last_losses = losses[seen & np.isfinite(losses)]
+        self.saved_loss_range = None
         return row
 
+    def evaluate(self, epoch: int, last: bool) -> dict[str, Any]:
+        if self.test_loader is None:
+            return {}
+        return {f"test_{k}": v for k, v in evaluate(self.model, self.test_loader, self.device).items()
+                if k in ("top1", "top5")}
+
+    def epoch_line(self, row: dict[str, Any]) -> str | None:
+        if not self.progress:
+            return None
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        return " ".join(f"{k}={v}" for k, v in shown.items())
+
     def loss_range(self) -> dict[str, float]:
+        if self.last_losses.size == 0 and self.saved_loss_range is not None:  # restored: no epoch ran since
+            return dict(self.saved_loss_range)
         losses = self.last_losses
         q = np.quantile(losses, [0.0, 0.01, 0.5, 0.99, 1.0]) if losses.size else np.zeros(5)
         return dict(zip(("min", "p1", "p50", "p99", "max"), (round(float(v), 6) for v in q)))
 
-    # -- the run -----------------------------------------------------------------------------------------------------
+    # -- the run and the export ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "run.json", {**asdict(cfg), "fingerprint": self.fingerprint,
-                                           "class_counts": self.class_counts.tolist(),
-                                           "centers": self.centers.tolist(),
-                                           "family_of_class": self.family_of_class.tolist()})
-        row: dict[str, Any] = {}
-        for epoch in range(self.start_epoch, cfg.epochs):
-            if epoch >= cfg.warmup_epochs and self.meta_spec.rebuilt_each_epoch:
-                self.rebuild_meta_set(epoch)
-            row = self.train_epoch(epoch)
-            self.log.append(row)
-            save_checkpoint(self.out / CHECKPOINT_NAME, self._state(epoch))
-            if self.progress:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
-                tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+        return self.engine.run()
+
+    def finish(self, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+        if not any(row.get("meta_steps") for row in rows):
+            warnings.warn(f"the exported net never had a meta step (--warmup-epochs {self.cfg.warmup_epochs} >= "
+                          f"--epochs {self.cfg.epochs}): its weights are its random initialisation", stacklevel=2)
         net = self.export()
-        return {"out": str(self.out), "final": row, "centers": net.centers, "loss_range": net.loss_range}
+        return {"out": str(self.out), "final": rows[-1] if rows else {}, "centers": net.centers,
+                "loss_range": net.loss_range}
 
     def export(self) -> CMWNet:
         cfg = self.cfg

@@ -1,4 +1,4 @@
-"""``apply --trainer oltr``: two-stage OLTR with the frozen CMW-Net, and the open-set evaluation of both trainers.
+"""``apply --trainer oltr`` (stage ``oltr``): two-stage OLTR with the frozen CMW-Net.
 
 Stage 1 is the ERM trainer on the backbone's own linear classifier (same data, weighting, seeds: for equal
 epochs it reproduces an ERM run). Stage 2 computes the visual memory (class means of the training features,
@@ -11,19 +11,15 @@ The frozen net weights the classification loss in both stages, with the families
 The memory is a buffer of exact class means (set at the start of stage 2 and, with ``recompute_centroids``, at
 every stage-2 epoch). The official code makes it a parameter that the centroid loss moves towards the features
 at lr 0.01 x weight 0.01 with a gradient divided by the batch size, i.e. slowly; a buffer of exact means keeps
-DDP and resume simple, and ``recompute_centroids`` follows the features when wanted.
-
-Open set: a sample whose reachability ``s / min_i |v - c_i|`` falls below a threshold is rejected as unknown.
-ERM and OLTR stage 1 use the class means of their training features as ``c``; stage 2 its memory.
+DDP and resume simple, and ``recompute_centroids`` follows the features when wanted. The open-set evaluation both
+trainers share lives in :mod:`cmw_transfer.trainer.openset`.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,179 +28,21 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.metrics.openset import calibrated_threshold, open_set_report
-from cmw_transfer.models.oltr import (
-    ModulatedAttention,
-    OLTRModel,
-    check_backbone,
-    features_and_logits,
-    reachability,
-)
-from cmw_transfer.trainer.apply import ApplyConfig, ApplyStepper, ERMTrainer, RunSetup, _autocast, sync_buffers
+from cmw_transfer.models.oltr import ModulatedAttention, OLTRModel, check_backbone
+from cmw_transfer.trainer.apply import ERMTrainer, RunSetup
 from cmw_transfer.trainer.common import (
     DistributedContext,
     EpochLoader,
     _default_collate,
     _seed_worker,
+    create_optimizer_and_scheduler,
     derive_seed,
-    make_loader,
 )
-
-
-# -- the open set -------------------------------------------------------------------------------------------------
-def parse_open_classes(text: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"9"`` or ``"7,8,9"`` -> ``(7, 8, 9)``; the CLI form of ``--open-classes``."""
-    if text is None or text == "":
-        return ()
-    if not isinstance(text, str):
-        return tuple(int(c) for c in text)
-    try:
-        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise UserError(f"--open-classes '{text}': expected class indices like 9 or 7,8,9") from None
-
-
-def _relabel(ds: Any, remap: np.ndarray, known: list[int]) -> Any:
-    view = copy.copy(ds)
-    view.num_classes = len(known)
-    view.targets = remap[ds.targets]
-    view.clean_targets = None if ds.clean_targets is None else remap[ds.clean_targets]
-    if ds.classes is not None:
-        view.classes = [ds.classes[c] for c in known]
-    return view
-
-
-def as_unknown(ds: Any, num_known: int) -> Any:
-    """Every sample of ``ds`` labelled ``num_known`` ("unknown"), whatever its own label."""
-    view = copy.copy(ds)
-    view.num_classes = num_known + 1
-    view.targets = np.full(len(ds), num_known, dtype=np.int64)
-    view.clean_targets = None
-    view.classes = None
-    return view
-
-
-def hold_out_classes(train_ds: Any, eval_sets: list[tuple[str, Any]],
-                     classes: Sequence[int]) -> tuple[Any, list[tuple[str, Any]], Any]:
-    """Known classes renumbered 0..K-1 everywhere; the held-out classes' test samples become the open set.
-
-    Training samples whose observed *or* true label is held out are dropped: an open class must stay unseen.
-    """
-    c = int(train_ds.num_classes)
-    held = sorted(set(int(k) for k in classes))
-    bad = [k for k in held if not 0 <= k < c]
-    if bad:
-        raise UserError(f"--open-classes {bad}: the training set has classes 0..{c - 1}")
-    known = [k for k in range(c) if k not in held]
-    if len(known) < 2:
-        raise UserError(f"--open-classes leaves {len(known)} known class(es); a classifier needs at least 2")
-    remap = np.full(c, -1, dtype=np.int64)
-    remap[known] = np.arange(len(known))
-    keep = np.isin(train_ds.targets, known)
-    if train_ds.clean_targets is not None:
-        keep &= np.isin(train_ds.clean_targets, known)
-    train = _relabel(train_ds.subset(np.flatnonzero(keep)), remap, known)
-    evals, open_ds = [], None
-    for label, ds in eval_sets:
-        evals.append((label, _relabel(ds.subset(np.flatnonzero(np.isin(ds.targets, known))), remap, known)))
-        if label == "test":
-            open_ds = as_unknown(ds.subset(np.flatnonzero(np.isin(ds.targets, held))), len(known))
-    if open_ds is None or not len(open_ds):
-        raise UserError(f"--open-classes {held}: the test split has no samples of those classes")
-    return train, evals, open_ds
-
-
-def _load_open_dataset(cfg: ApplyConfig, spec: str) -> Any:
-    from cmw_transfer.dataset import create_dataset, resolve_source
-
-    base, _ = resolve_source(spec)
-    same = base == resolve_source(cfg.dataset)[0]
-    transform = None
-    if cfg.img_size is not None:
-        from cmw_transfer.dataset.images import make_transform
-
-        transform = make_transform("val", cfg.img_size)
-    try:
-        return create_dataset(base, cfg.data_root if same else None, "open" if base == "imagenet-lt" else "test",
-                              transform=transform, seed=cfg.seed, strict=cfg.strict)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise UserError(f"--open-dataset {spec}: {exc}") from None
-
-
-def prepare_open_set(cfg: ApplyConfig, train_ds: Any,
-                     eval_sets: list[tuple[str, Any]]) -> tuple[Any, list[tuple[str, Any]], Any | None]:
-    """The open set of a run: held-out classes, ``--open-dataset`` (every sample unknown), or ImageNet-LT's
-    ``open`` split when its list file exists. Returns (train, eval sets, open set labelled ``num_classes``)."""
-    if cfg.open_classes:
-        return hold_out_classes(train_ds, eval_sets, parse_open_classes(cfg.open_classes))
-    spec = cfg.open_dataset
-    if not spec:
-        from cmw_transfer.dataset import resolve_source
-        from cmw_transfer.dataset.formats.imagenet_lt import list_file
-
-        if resolve_source(cfg.dataset)[0] != "imagenet-lt" or cfg.data_root is None:
-            return train_ds, eval_sets, None
-        try:
-            list_file(Path(cfg.data_root).expanduser(), "open")
-        except UserError:  # no ImageNet_LT_open.txt: closed-set evaluation only
-            return train_ds, eval_sets, None
-        spec = "imagenet-lt"
-    return train_ds, eval_sets, as_unknown(_load_open_dataset(cfg, spec), int(train_ds.num_classes))
-
-
-# -- centroids ----------------------------------------------------------------------------------------------------
-def train_eval_view(ds: Any, cfg: ApplyConfig) -> Any:
-    """The training samples without augmentation (centroids are class means of clean, deterministic features)."""
-    view = copy.copy(ds)
-    if cfg.img_size is not None:
-        from cmw_transfer.dataset.images import make_transform
-
-        view.transform = make_transform("val", cfg.img_size)
-    else:
-        view.transform = None  # in-memory: the plain tensor; files: the default eval transform of the split
-        view.split = "val"
-    return view
-
-
-def train_view_loader(s: RunSetup) -> Any:
-    """Sharded, unshuffled, unaugmented pass over the training set (centroids)."""
-    return make_loader(train_eval_view(s.train_ds, s.cfg), s.cfg.batch_size, train=False, workers=s.cfg.workers,
-                       seed=s.cfg.seed, distributed=s.ctx.enabled)
-
-
-@torch.no_grad()
-def class_centroids(features: Callable[[torch.Tensor], torch.Tensor], loader: Any, ctx: DistributedContext,
-                    num_classes: int, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class mean of ``features(x)`` over ``loader``: ``([C, D] float32, counts [C])``.
-
-    Exact under DDP: each rank sums its shard (float64) and the sums and counts are all-reduced. A class without
-    samples gets the mean of all features (a harmless memory slot; reachability ignores such classes).
-    """
-    device = ctx.device
-    sums: torch.Tensor | None = None
-    counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    for batch in loader:
-        if batch is None or batch[1].numel() == 0:
-            continue
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            v = features(x)
-        v = v.double()
-        if sums is None:
-            sums = torch.zeros(num_classes, v.shape[1], dtype=torch.float64, device=device)
-        sums.index_add_(0, y, v)
-        counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-    dims = [d for d in ctx.all_gather_object(None if sums is None else sums.shape[1]) if d is not None]
-    if not dims:
-        raise UserError("no readable training image to compute class centroids from")
-    if sums is None:  # this rank's shard was empty
-        sums = torch.zeros(num_classes, dims[0], dtype=torch.float64, device=device)
-    total = ctx.all_reduce_sum(sums.cpu())
-    n = ctx.all_reduce_sum(counts.cpu())
-    centroids = total / n.clamp_min(1.0)[:, None]
-    if (n == 0).any() and n.sum() > 0:
-        centroids[n == 0] = total.sum(0) / n.sum()
-    return centroids.float(), n
+from cmw_transfer.trainer.config import ApplyConfig
+from cmw_transfer.trainer.evaluation import sync_buffers
+from cmw_transfer.trainer.openset import class_centroids, evaluate_open_set, train_eval_view, train_view_loader
+from cmw_transfer.trainer.registry import register_trainer
+from cmw_transfer.trainer.steps import ApplyStepper
 
 
 # -- stage-2 sampling ---------------------------------------------------------------------------------------------
@@ -257,7 +95,7 @@ def class_aware_loader(ds: Any, cfg: ApplyConfig, ctx: DistributedContext) -> Ep
     return EpochLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                        collate_fn=_default_collate(), pin_memory=torch.cuda.is_available(),
                        drop_last=len(sampler) >= cfg.batch_size, worker_init_fn=_seed_worker,
-                       generator=torch.Generator(), persistent_workers=False,
+                       generator=torch.Generator(),
                        base_seed=derive_seed(cfg.seed, ctx.rank))
 
 
@@ -311,7 +149,7 @@ class OLTRStepper(ApplyStepper):
         return out
 
 
-# -- the trainer --------------------------------------------------------------------------------------------------
+@register_trainer("oltr")
 class OLTRTrainer(ERMTrainer):
     """Stage 1 = ERM on the backbone; at epoch ``stage1_epochs`` switch to the meta-embedding (stage 2).
 
@@ -355,25 +193,23 @@ class OLTRTrainer(ERMTrainer):
         return None
 
     def make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
-        from cmw_transfer.trainer.common import create_optimizer_and_scheduler
-
         cfg = self.s.cfg
         return create_optimizer_and_scheduler(
             self.model.backbone, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
             sched=cfg.sched, epochs=self.stage1_epochs, warmup_lr_epochs=cfg.warmup_lr_epochs,
-            steps_per_epoch=len(self.train_loader), decay_milestones=cfg.decay_milestones)
+            steps_per_epoch=len(self.loader), decay_milestones=cfg.decay_milestones)
 
-    def restore(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("stage", 1)) == 2:
             self.model.load_state_dict(state["model"])
             self._enter_stage2(initialise=False)  # the stage-2 optimizer, so that its state can be loaded
-        return super().restore(state)
+        super().load_state_dict(state)
 
     def start(self, epoch: int) -> None:
         module = self.model if self.stage == 2 else self.model.backbone
         self.stepper = self.make_stepper(self.wrap(module))
         done = epoch - (self.stage1_epochs if self.stage == 2 else 0)
-        self.stepper.num_updates = done * len(self.train_loader)
+        self.stepper.num_updates = done * len(self.loader)
 
     def make_stepper(self, module: nn.Module) -> ApplyStepper:
         if self.stage == 1:
@@ -383,7 +219,7 @@ class OLTRTrainer(ERMTrainer):
                            normalization=s.cfg.normalization, device=s.ctx.device, amp_dtype=s.amp_dtype,
                            scaler=s.scaler, is_clean=s.is_clean, ctx=s.ctx, dcl_weight=s.cfg.dcl_weight)
 
-    def begin_epoch(self, epoch: int) -> str:
+    def prepare_epoch(self, epoch: int) -> str:
         if self.stage == 1 and epoch >= self.stage1_epochs:
             self.stepper = None
             gc.collect()  # the stage-1 DDP wrapper and its gradient hooks go before the model is wrapped again
@@ -410,9 +246,9 @@ class OLTRTrainer(ERMTrainer):
                         hallucinator.bias.copy_(classifier.bias)
             self._set_centroids()
         classifier.requires_grad_(False)  # unused in stage 2 (DDP needs every trainable parameter used)
-        self.train_loader = (class_aware_loader(self.s.train_ds, cfg, self.s.ctx) if cfg.oltr_sampler == "class-aware"
-                             else self.s.train_loader)
-        self.optimizer, self.scheduler = stage2_optimizer(self.model, cfg, len(self.train_loader), self.stage2_epochs)
+        self.loader = (class_aware_loader(self.s.train_ds, cfg, self.s.ctx) if cfg.oltr_sampler == "class-aware"
+                       else self.s.train_loader)
+        self.optimizer, self.scheduler = stage2_optimizer(self.model, cfg, len(self.loader), self.stage2_epochs)
 
     def _set_centroids(self) -> None:
         sync_buffers(self.model, self.s.ctx)
@@ -424,43 +260,10 @@ class OLTRTrainer(ERMTrainer):
     def epoch_fields(self) -> dict[str, Any]:
         return {"stage": self.stage}
 
-    def checkpoint(self) -> dict[str, Any]:
-        return {**super().checkpoint(), "stage": self.stage}
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stage": self.stage}
 
     def evaluate_open(self) -> dict[str, Any]:
         return evaluate_open_set(self.s, self.model, centroids=self.model.centroids if self.stage == 2 else None)
 
 
-# -- open-set evaluation ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_open_set(s: RunSetup, model: nn.Module, centroids: torch.Tensor | None = None) -> dict[str, Any]:
-    """Closed test split (known) + open set (unknown), rejected below the reachability threshold.
-
-    ``centroids=None``: the class means of ``model``'s training features (ERM, OLTR stage 1). The threshold is
-    ``open_threshold`` or, by default, the reachability that accepts ``open_accept`` of the known test samples.
-    Every rank evaluates its shard; predictions and scores are gathered, so the numbers are exact under DDP.
-    """
-    cfg, ctx, device = s.cfg, s.ctx, s.ctx.device
-    model.eval()
-    if centroids is None:
-        centroids, _ = class_centroids(lambda x: features_and_logits(model, x)[0], train_view_loader(s), ctx,
-                                       s.num_classes, s.amp_dtype)
-    memory = centroids.to(device).float()[torch.as_tensor(s.counts > 0, device=device)]
-    preds, labels, scores = [], [], []
-    for loader, unknown in ((s.eval_loaders[0][1], False), (s.open_loader, True)):
-        for batch in loader:
-            if batch is None or batch[1].numel() == 0:
-                continue
-            x = batch[0].to(device, non_blocking=True)
-            with _autocast(device, s.amp_dtype):
-                v, logits = features_and_logits(model, x)
-            preds.append(logits.float().argmax(1).cpu())
-            scores.append(reachability(v.float(), memory, cfg.reachability_scale).cpu())
-            labels.append(torch.full_like(batch[1], s.num_classes) if unknown else batch[1].cpu())
-    local = [torch.cat(t).numpy() if t else np.zeros(0) for t in (preds, labels, scores)]
-    gathered = ctx.all_gather_object(local)
-    pred, label, score = (np.concatenate([g[i] for g in gathered]) for i in range(3))
-    known = label != s.num_classes
-    threshold = (cfg.open_threshold if cfg.open_threshold is not None
-                 else calibrated_threshold(score[known], cfg.open_accept))
-    return open_set_report(pred.astype(np.int64), label.astype(np.int64), score, s.num_classes, threshold)

@@ -1,0 +1,122 @@
+"""What the stages train and evaluate on: the apply stage's target splits, the meta-train stage's source.
+
+A ``list:`` / ``folder:`` dataset has no test split of its own: both stages require an explicit evaluation set
+for it (``--eval-dataset``) rather than evaluating on the training files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmw_transfer.bias.apply import apply_bias
+from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
+from cmw_transfer.errors import UserError
+from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
+from cmw_transfer.trainer.metasets import MetaSetSpec, check_class_sizes
+
+WEBVISION = ("webvision-full", "mini-webvision")  # evaluated on WebVision val; ILSVRC12 val via extra_eval
+FILE_SOURCES = ("list:", "folder:")
+
+
+def _train_transform(ds: Any, img_size: int | None) -> Any:
+    """Standard augmentation for CIFAR-size in-memory sets; None keeps the dataset's own default."""
+    shape = getattr(ds, "input_shape", None)
+    if shape is None or img_size is not None or shape[1] < 32:
+        return None
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.RandomCrop(shape[1], padding=4), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor()])
+
+
+def load_datasets(cfg: ApplyConfig) -> tuple[Any, list[tuple[str, Any]]]:
+    """Train split with the requested bias; the clean evaluation splits (test / WebVision val, ``extra_eval``)."""
+    def make(name: str, root: str | None, split: str, **kwargs: Any) -> Any:
+        try:
+            return create_dataset(name, root, split, seed=cfg.seed, strict=cfg.strict, **kwargs)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise UserError(f"--data-dir: {exc}; download the data or point --data-dir at it") from None
+
+    transform = eval_tf = None
+    if cfg.img_size is not None:
+        from cmw_transfer.dataset.images import make_transform
+
+        transform, eval_tf = make_transform("train", cfg.img_size), make_transform("val", cfg.img_size)
+    train = make(cfg.dataset, cfg.data_root, "train", transform=transform, noise=cfg.noise, imbalance=cfg.imbalance)
+    if transform is None:
+        aug = _train_transform(train, cfg.img_size)
+        if aug is not None:  # the untransformed eval tensor equals ToTensor of this augmentation's output
+            train.transform = aug
+    base, _ = resolve_source(cfg.dataset)  # a preset's noise never reaches the evaluation split
+    if cfg.eval_dataset:
+        test = make(cfg.eval_dataset, None, "test", transform=eval_tf)
+    elif base.startswith(FILE_SOURCES):
+        raise UserError(f"--dataset {cfg.dataset} has no built-in test split: add --eval-dataset list:VAL.txt or "
+                        "--eval-dataset folder:VAL_DIR")
+    else:
+        test = make(base, cfg.data_root, "val" if base in WEBVISION else "test", transform=eval_tf)
+    evals = [("test", test)]
+    for item in cfg.extra_eval:
+        label, _, spec = item.partition("=")
+        if not spec or not label.isidentifier():
+            raise UserError(f"--extra-eval '{item}': expected NAME=SPEC, e.g. ilsvrc12=list:/data/imagenet/val.txt")
+        extra = make(spec, None, "val", transform=eval_tf)
+        evals.append((label, extra))
+    for label, ds in evals:
+        if ds.num_classes > train.num_classes:
+            raise UserError(f"evaluation set '{label}' has {ds.num_classes} classes but the training set has "
+                            f"{train.num_classes}; its labels must use the training set's class indices")
+    return train, evals
+
+
+def check_model_name(name: str) -> None:
+    import timm
+
+    from cmw_transfer.models import create_model, list_builtin_models
+
+    if name.replace("-", "_") not in list_builtin_models() and not timm.is_model(name):
+        create_model(name, num_classes=2)  # raises the UserError with near matches
+
+
+
+# -- the meta-train source ----------------------------------------------------------------------------------------
+@dataclass
+class SourceData:
+    train: LabeledDataset
+    test: LabeledDataset | None
+    clean_meta: LabeledDataset | None
+
+
+def load_source(cfg: MetaTrainConfig, spec: MetaSetSpec) -> SourceData:
+    base, bias = resolve_source(cfg.src, cfg.noise, cfg.imbalance)
+    if base.startswith(FILE_SOURCES) and not cfg.eval_dataset:
+        raise UserError(f"--src {cfg.src} has no built-in test split (metatrain would evaluate on its own training "
+                        "files): add --eval-dataset list:VAL.txt or --eval-dataset folder:VAL_DIR")
+    clean = create_dataset(base, cfg.data_dir, "train")
+    clean_meta = None
+    if spec.kind == "clean":
+        check_class_sizes(clean.class_counts(), spec.per_class, "clean")
+        clean, clean_meta = split_per_class(clean, spec.per_class, seed=cfg.seed)
+    train = clean if bias.is_empty else apply_bias(clean, bias, seed=cfg.seed)
+    if spec.kind == "lowest-loss":
+        check_class_sizes(train.class_counts(), spec.per_class, "lowest-loss")
+    if cfg.eval_dataset:
+        test = create_dataset(cfg.eval_dataset, None, "test")
+        if test.num_classes > train.num_classes:
+            raise UserError(f"--eval-dataset has {test.num_classes} classes but the source has {train.num_classes}; "
+                            "its labels must use the source's class indices")
+        return SourceData(train, test, clean_meta)
+    try:
+        test = create_dataset(base, cfg.data_dir, "test")
+    except UserError:
+        test = None
+    return SourceData(train, test, clean_meta)
+
+
+def stack_batch(ds: LabeledDataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[int(i)] for i in indices]
+    return torch.stack([it[0] for it in items]), torch.as_tensor([it[1] for it in items], dtype=torch.long)
