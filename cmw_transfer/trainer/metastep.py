@@ -22,12 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.func import functional_call
 
 from cmw_transfer.errors import UserError
 from cmw_transfer.models import parameter_stages
+from cmw_transfer.trainer.dual_forward import FusedTangents
 from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
 
 try:
@@ -212,21 +214,28 @@ def reverse_directional_derivatives(terms: torch.Tensor, params: list[torch.Tens
 
 def forward_directional_derivatives(model: nn.Module, params: Params, buffers: Params, batch: TrainBatch,
                                     objective: WeightedCE | SoftLabelCE, names: list[str],
-                                    tangents: list[torch.Tensor]) -> torch.Tensor:
-    """The same quantity by forward-mode AD (``torch.func.jvp``): one dual forward, no second-order graph.
+                                    tangents: list[torch.Tensor], *, fused: bool = True) -> torch.Tensor:
+    """The same quantity by forward-mode AD: one dual forward, no second-order graph.
 
     Used for ``exact``: it needs no retained training graph, so the meta-iteration's peak memory stays near the
-    larger of one training and one meta step.
+    larger of one training and one meta step. ``fused`` (default) runs it under
+    :class:`~cmw_transfer.trainer.dual_forward.FusedTangents` (one tangent conv per conv, closed-form BatchNorm
+    tangent); ``fused=False`` is plain ``torch.func.jvp``, kept as the reference.
     """
     frozen = {k: p.detach() for k, p in params.items() if k not in names}
+    if not fused:
+        def terms_of(virtual: Params) -> torch.Tensor:
+            logits = functional_call(model, ({**frozen, **virtual}, _clone(buffers)), (batch.x,))
+            return objective.terms(logits, batch)
 
-    def terms_of(virtual: Params) -> torch.Tensor:
-        logits = functional_call(model, ({**frozen, **virtual}, _clone(buffers)), (batch.x,))
-        return objective.terms(logits, batch)
-
-    primals = {n: params[n].detach() for n in names}
-    _, d = torch.func.jvp(terms_of, (primals,), (dict(zip(names, tangents)),))
-    return d
+        primals = {n: params[n].detach() for n in names}
+        return torch.func.jvp(terms_of, (primals,), (dict(zip(names, tangents)),))[1]
+    with torch.no_grad(), fwad.dual_level(), FusedTangents():
+        dual = {n: fwad.make_dual(params[n].detach(), t) for n, t in zip(names, tangents)}
+        logits = functional_call(model, ({**frozen, **dual}, _clone(buffers)), (batch.x,))
+        terms = objective.terms(logits, batch)
+        d = fwad.unpack_dual(terms).tangent
+    return torch.zeros_like(terms) if d is None else d
 
 
 def meta_gradient(
