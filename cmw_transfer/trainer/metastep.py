@@ -1,14 +1,17 @@
 """The bi-level meta-step as a function of (params, buffers, batch) built on ``torch.func.functional_call``.
 
-The virtual step is ``w_hat = w - lr * s * sum_{i,t} c_{i,t}(theta) grad l_{i,t}(w)`` (``s`` = 1 for SGD and for
-mirrored momentum/weight decay, 1 + momentum for Nesterov), so by the chain rule the meta-gradient is
+The virtual step is affine in the weighted training gradient, ``w_hat_p = a_p - lr_p * s_p * sum_{i,t} c_{i,t}(theta)
+grad_p l_{i,t}(w)`` per tensor ``p`` (plain SGD: ``a = w``, ``s = 1``; a mirrored SGD adds the momentum buffer and
+weight decay to ``a`` and ``s`` = 1 + momentum under Nesterov), so by the chain rule the meta-gradient is
 
-    dL_meta/dtheta = -lr * s * sum_{i,t} (g_meta . grad_w l_{i,t}) * dc_{i,t}/dtheta,   g_meta = dL_meta/dw_hat
+    dL_meta/dtheta = -sum_{i,t} (sum_p lr_p s_p g_meta_p . grad_p l_{i,t}) * dc_{i,t}/dtheta,  g_meta = dL_meta/dw_hat
 
 which this module computes *exactly* from first-order pieces: the meta loss is differentiated only to the virtual
-weights, and the per-term directional derivatives ``g_meta . grad l`` come from one reverse-over-reverse pass on
-the training graph, restricted to the virtually updated parameters. Nothing is deep-copied, and the training
-forward is shared with the real ("actual") step.
+weights, and the per-term directional derivatives come from one dual (forward-mode) forward of the training batch
+(``exact``; :mod:`cmw_transfer.trainer.dual_forward` fuses its convolution and BatchNorm tangents) or from a
+reverse-over-reverse pass on the kept training graph restricted to the top layers (``skip:N``, ``famus``). Nothing
+is deep-copied, and the training forward is shared with the real ("actual") step. It equals the authors' literal
+MW-Net / CMW-Net step (fresh model, ``create_graph``) to rounding; see ``docs/metastep.md``.
 
 Meta-gradient modes: ``exact`` (every parameter is virtually updated), ``skip:N`` (SLMO: the bottom N stages are
 not virtually updated, so neither the meta backward nor the second-order pass goes below them) and ``famus``
@@ -38,6 +41,7 @@ except ImportError:  # older timm
     _SGDW = None
 
 Params = dict[str, torch.Tensor]
+CHANNELS_LAST_ON_CPU = True  # the dual forward runs channels-last on CPU (measured faster there)
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,7 @@ def forward_directional_derivatives(model: nn.Module, params: Params, buffers: P
     Used for ``exact``: it needs no retained training graph, so the meta-iteration's peak memory stays near the
     larger of one training and one meta step. ``fused`` (default) runs it under
     :class:`~cmw_transfer.trainer.dual_forward.FusedTangents` (one tangent conv per conv, closed-form BatchNorm
-    tangent); ``fused=False`` is plain ``torch.func.jvp``, kept as the reference.
+    tangent), channels-last on CPU; ``fused=False`` is plain ``torch.func.jvp``, kept as the reference.
     """
     frozen = {k: p.detach() for k, p in params.items() if k not in names}
     if not fused:
@@ -230,9 +234,12 @@ def forward_directional_derivatives(model: nn.Module, params: Params, buffers: P
 
         primals = {n: params[n].detach() for n in names}
         return torch.func.jvp(terms_of, (primals,), (dict(zip(names, tangents)),))[1]
+    x = batch.x
+    if CHANNELS_LAST_ON_CPU and x.dim() == 4 and x.device.type == "cpu":  # faster CPU convs and BatchNorm
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), fwad.dual_level(), FusedTangents():
         dual = {n: fwad.make_dual(params[n].detach(), t) for n, t in zip(names, tangents)}
-        logits = functional_call(model, ({**frozen, **dual}, _clone(buffers)), (batch.x,))
+        logits = functional_call(model, ({**frozen, **dual}, _clone(buffers)), (x,))
         terms = objective.terms(logits, batch)
         d = fwad.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if d is None else d
@@ -264,8 +271,9 @@ def meta_gradient(
     ``momentum_buffers`` the optimizer's buffers by name. ``train_out`` lets a trainer pass
     the (logits, terms) of a training forward it already ran; ``result.train_grads`` then holds that batch's
     weighted gradient for every parameter, so an actual step at the current net needs no second backward.
-    ``derivatives``: ``forward`` (jvp), ``reverse`` (on the kept graph) or ``auto`` (forward when every parameter
-    is virtual, i.e. ``exact``; reverse for top-layer approximations). ``keep_graph`` leaves the training graph
+    ``derivatives``: ``forward`` (the fused dual forward), ``jvp`` (plain ``torch.func.jvp``, the reference),
+    ``reverse`` (on the kept graph) or ``auto`` (forward when every parameter is virtual, i.e. ``exact``; reverse
+    for top-layer approximations). ``keep_graph`` leaves the training graph
     alive for a caller that backpropagates it again (the paper's order: actual step after the net update).
     """
     wnet_params = wnet_params if wnet_params is not None else dict(wnet.named_parameters())
@@ -278,6 +286,8 @@ def meta_gradient(
         logits, terms = train_out
     if derivatives == "auto":
         derivatives = "forward" if len(names) == len(leaves) else "reverse"
+    if derivatives not in ("forward", "reverse", "jvp"):
+        raise ValueError(f"derivatives must be auto, forward, reverse or jvp, got '{derivatives}'")
     reverse = derivatives == "reverse"
 
     def weight_fn(loss: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
@@ -323,7 +333,8 @@ def meta_gradient(
     if reverse:
         d = reverse_directional_derivatives(terms, [leaves[n] for n in names], tangents)
     else:
-        d = forward_directional_derivatives(model, leaves, buffers, batch, objective, names, tangents)
+        d = forward_directional_derivatives(model, leaves, buffers, batch, objective, names, tangents,
+                                            fused=derivatives == "forward")
     surrogate = -outer * (coeff * d.detach()).sum()
     wgrads = torch.autograd.grad(surrogate, list(wnet_params.values()), allow_unused=True)
     result.wnet_grads = {k: torch.zeros_like(p) if g is None else g
