@@ -104,7 +104,7 @@ def toolkit_iteration(model, net, opt, wopt, batch, objective, xm, ym, order):
     opt.step()
 
 
-def run_both(state, heads, sl, order):
+def run_both(state, heads, sl, order, wnet_lr=1e-2):
     model0, x, y, xm, ym, soft = state
     soft = soft if sl else None
     ours_model, theirs_model = copy.deepcopy(model0), copy.deepcopy(model0)
@@ -112,7 +112,7 @@ def run_both(state, heads, sl, order):
     authors = authors_net_like(net)
     opts = [torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9, weight_decay=5e-4)
             for m in (ours_model, theirs_model)]
-    wopts = [torch.optim.Adam(n.parameters(), lr=1e-2, weight_decay=1e-4) for n in (net, authors)]
+    wopts = [torch.optim.Adam(n.parameters(), lr=wnet_lr, weight_decay=1e-4) for n in (net, authors)]
     batch, objective = toolkit_batch(x, y, heads, soft)
     toolkit_iteration(ours_model, net, opts[0], wopts[0], batch, objective, xm, ym, order)
     official_iteration(build, theirs_model, authors, opts[1], wopts[1], x, y, FAMILY[heads], xm, ym, soft)
