@@ -206,7 +206,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for mode in MODES:
         util = [u for _, u in times[mode]]
-        mem_txt = "-" if not mem else f"{mem[mode] / 2**20:.0f} | {mem[mode] / mem['authors']:.2f}"
+        mem_txt = "- | -" if not mem else f"{mem[mode] / 2**20:.0f} | {mem[mode] / mem['authors']:.2f}"
         print(f"| {mode} | {1000 * med[mode]:.1f} | {med['authors'] / med[mode]:.2f} | "
               f"{med[mode] / med['floor']:.2f} | {med[mode] / med['erm']:.2f} | "
               f"{100 * statistics.median(util):.0f}% ({100 * min(util):.0f}%) | {mem_txt} |")
