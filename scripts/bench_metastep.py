@@ -4,9 +4,12 @@ For each model: the time of an ERM step (forward, backward, SGD step) and of a f
 forward, meta-gradient, weighting-net step, actual step) for ``exact``, ``skip:N`` and ``famus``; the amortised
 iteration cost at ``--meta-interval`` k; the cosine of each approximate meta-gradient to the exact one at the same
 state; and the peak memory of a step relative to ERM (CUDA: max_memory_allocated; CPU: peak RSS growth measured
-in a fresh subprocess per mode).
+in a fresh subprocess per mode). Timed in the same interleaved run: the **work floor** of an exact iteration
+(train fwd+bwd + meta fwd+bwd + one plain forward; ``exact`` is reported against it), and the dual forward of the
+exact meta-gradient alone (fused, and the reference ``torch.func.jvp``) against a plain forward of the same batch.
+The CPU column is process CPU time / (wall x threads): well below 100% means the machine was busy elsewhere.
 
-    python scripts/bench_metastep.py                      # cifar_resnet32 and timm resnet18 at 32x32, CPU
+    OMP_NUM_THREADS=1 python scripts/bench_metastep.py --threads 1   # cifar_resnet32 and timm resnet18, 32x32
     python scripts/bench_metastep.py --device cuda --batch-size 128 --repeats 20
 """
 
@@ -29,7 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.models import create_model, parameter_stages
-from cmw_transfer.trainer.metastep import FamusGates, VirtualStep, meta_gradient, virtual_names
+from cmw_transfer.trainer.metastep import (
+    FamusGates,
+    VirtualStep,
+    forward_directional_derivatives,
+    meta_gradient,
+    virtual_names,
+)
 from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
 
 
@@ -73,6 +82,23 @@ def make_step(mode: str, names: list[str] | None, model, wnet, batch, xm, ym):
         loss.backward()
         opt.step()
 
+    def floor() -> None:  # what no exact meta-iteration can skip
+        ps = list(params.values())
+        torch.autograd.grad(F.cross_entropy(model(batch.x), batch.y), ps)
+        torch.autograd.grad(F.cross_entropy(model(xm), ym), ps)
+        with torch.no_grad():
+            model(batch.x)
+
+    def plain_forward() -> None:
+        with torch.no_grad():
+            objective.terms(model(batch.x), batch)
+
+    tangents = [torch.randn_like(params[n]) for n in virtual_names(model, "exact")]
+
+    def dual(fused: bool) -> None:
+        forward_directional_derivatives(model, params, buffers, batch, objective, virtual_names(model, "exact"),
+                                        tangents, fused=fused)
+
     def meta() -> None:
         logits = model(batch.x)
         terms = objective.terms(logits, batch)
@@ -91,7 +117,8 @@ def make_step(mode: str, names: list[str] | None, model, wnet, batch, xm, ym):
                 p.grad = res.train_grads[n]
         opt.step()
 
-    return erm if mode == "erm" else meta
+    return {"erm": erm, "floor": floor, "forward": plain_forward, "dual": lambda: dual(True),
+            "dual-jvp": lambda: dual(False)}.get(mode, meta)
 
 
 def sync(device: str) -> None:
@@ -99,26 +126,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_modes(model_name: str, args) -> dict[str, list[float]]:
-    """Interleaved timing: every repeat runs each mode once, so drifts hit all modes alike."""
+EXTRA = ("floor", "forward", "dual", "dual-jvp")  # timed only: not meta-iterations
+
+
+def time_modes(model_name: str, args) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved timing: every repeat runs each mode once, so drifts hit all modes alike. (times, CPU util)"""
     state = build(model_name, args.batch_size, args.device, meta_batch_size=args.meta_batch_size)
     model = state[0]
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    names = {"erm": None, **modes_for(model)}
+    names = {"erm": None, **modes_for(model), **{m: None for m in EXTRA}}
     steps = {m: make_step(m.split(":")[0], n, *state) for m, n in names.items()}
     for fn in steps.values():  # warm-up
         for _ in range(args.warmup):
             fn()
     times: dict[str, list[float]] = {m: [] for m in steps}
+    util: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(args.repeats):
         for mode, fn in steps.items():
             model.load_state_dict(init)
             sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(args.device)
-            times[mode].append(time.perf_counter() - t0)
-    return times
+            wall = time.perf_counter() - t0
+            times[mode].append(wall)
+            util[mode].append((time.process_time() - c0) / (wall * args.threads))
+    return times, util
 
 
 def cosines(model_name: str, args) -> dict[str, float]:
@@ -221,16 +254,24 @@ def main() -> None:
           f"repeats={args.repeats} "
           f"torch={torch.__version__}")
     print(f"| model | mode | step ms (median) | x ERM step | x ERM amortised (k={args.meta_interval}) | cos vs exact "
-          "| peak mem x ERM (working set x ERM) |")
-    print("|---|---|---|---|---|---|---|")
+          "| peak mem x ERM (working set x ERM) | CPU util median (min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    extra_rows = []
     for model_name in args.models.split(","):
-        times = time_modes(model_name, args)
+        times, util = time_modes(model_name, args)
         med = {m: statistics.median(v) for m, v in times.items()}
         cos = cosines(model_name, args)
-        mem = memory_ratios(model_name, [m for m in med if m != "erm"], args)
+        mem = memory_ratios(model_name, [m for m in med if m not in ("erm", *EXTRA)], args)
         k = args.meta_interval
         rows = {}
+        cpu = {m: f"{100 * statistics.median(u):.0f}% ({100 * min(u):.0f}%)" for m, u in util.items()}
+        extra_rows.append(f"| {model_name} | {1000 * med['floor']:.1f} | {med['exact'] / med['floor']:.2f} | "
+                          f"{med['exact-updated'] / med['floor']:.2f} | {1000 * med['forward']:.1f} | "
+                          f"{med['dual'] / med['forward']:.2f} | {med['dual-jvp'] / med['forward']:.2f} | "
+                          f"{cpu['floor']} / {cpu['dual']} / {cpu['dual-jvp']} |")
         for mode, t in med.items():
+            if mode in EXTRA:
+                continue
             ratio = t / med["erm"]
             amortised = (t + (k - 1) * med["erm"]) / (k * med["erm"])
             rows[mode] = {"ms": 1000 * t, "ratio": ratio, "amortised": amortised, "cos": cos.get(mode),
@@ -238,8 +279,17 @@ def main() -> None:
             cos_txt = "1 (reference)" if mode.startswith("exact") else ("-" if mode == "erm" else f"{cos[mode]:.3f}")
             mem_txt = "1 (1)" if mode == "erm" else f"{mem[mode][0]:.2f} ({mem[mode][1]:.2f})"
             print(f"| {model_name} | {mode} | {1000 * t:.1f} | {ratio:.2f} | {amortised:.2f} | {cos_txt} | "
-                  f"{mem_txt} |")
+                  f"{mem_txt} | {cpu[mode]} |")
+        rows["floor"] = {"ms": 1000 * med["floor"], "exact_over_floor": med["exact"] / med["floor"],
+                         "exact_updated_over_floor": med["exact-updated"] / med["floor"]}
+        rows["dual"] = {"forward_ms": 1000 * med["forward"], "fused_over_forward": med["dual"] / med["forward"],
+                        "jvp_over_forward": med["dual-jvp"] / med["forward"]}
         results[model_name] = rows
+    print()
+    print("| model | work floor ms | exact / floor | exact-updated / floor | plain forward ms | fused dual forward / "
+          "forward | torch.func.jvp / forward | CPU util floor / dual / jvp |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(extra_rows))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -1,5 +1,10 @@
 """``create_model``: the built-ins by name, anything else through timm (``hf-hub:`` names, pretrained weights and
-an initial checkpoint as in timm's ``train.py``)."""
+an initial checkpoint as in timm's ``train.py``).
+
+Built-ins: ``cifar_resnet32`` / ``cifar_resnet20`` are the papers' CIFAR ResNets with option-A (parameter-free,
+zero-padded) shortcuts, the MW-Net / CMW-Net backbone (ResNet-32: 0.46M parameters); ``cifar_resnet32b`` /
+``cifar_resnet20b`` are the option-B variants (1x1 conv + BN projection shortcuts); ``small_cnn`` is the digits CNN.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,13 @@ from cmw_transfer.errors import UserError
 from cmw_transfer.models.builtin import CifarResNet, SmallCNN
 from cmw_transfer.models.geometry import check_geometry
 
+# cifar_resnet32/20: the papers' option-A ResNets (parameter-free zero-padded shortcuts; ResNet-32 = 0.46M
+# parameters, as MW-Net / CMW-Net); cifar_resnet32b/20b: the option-B variants (1x1 conv + BN projections).
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet32": lambda num_classes, in_chans: CifarResNet(32, num_classes, in_chans),
     "cifar_resnet20": lambda num_classes, in_chans: CifarResNet(20, num_classes, in_chans),
+    "cifar_resnet32b": lambda num_classes, in_chans: CifarResNet(32, num_classes, in_chans, shortcut="B"),
+    "cifar_resnet20b": lambda num_classes, in_chans: CifarResNet(20, num_classes, in_chans, shortcut="B"),
     "small_cnn": lambda num_classes, in_chans: SmallCNN(num_classes, in_chans),
 }
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
