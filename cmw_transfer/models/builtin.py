@@ -1,4 +1,9 @@
-"""Small built-in classifiers that timm does not ship: CIFAR ResNet-32 and a CNN for the embedded digits.
+"""Small built-in classifiers that timm does not ship: CIFAR ResNets and a CNN for the embedded digits.
+
+The CIFAR ResNets follow He et al. (2016) §4.2: by default shortcut **option A** (identity, with a stride-2
+subsample and zero-padded extra channels where the shape changes: no parameters), which is the ResNet-32 of the
+MW-Net / CMW-Net papers and code (0.46M parameters); option B (a 1x1 conv + BN projection there) is kept as a
+variant.
 
 Both expose timm's ``group_matcher`` so that stage-wise tools (SLMO skip, FaMUS gating, layer groups) treat them
 exactly like timm models.
@@ -13,15 +18,31 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 
-class BasicBlock(nn.Module):
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by ``stride``, zero-pad the new channels evenly on both sides (no parameters)."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pad_lo = (cout - cin) // 2
+        self.pad_hi = cout - cin - self.pad_lo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_lo, self.pad_hi))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "A") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
+        if (stride != 1 or cin != cout) and shortcut == "A":
+            self.shortcut = PadShortcut(cin, cout, stride)
+        elif stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,18 +70,24 @@ class PooledClassifier(nn.Module):
 
 
 class CifarResNet(PooledClassifier):
-    """He et al. (2016) CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16/32/64 channels."""
+    """He et al. (2016) CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16/32/64 channels.
 
-    def __init__(self, depth: int = 32, num_classes: int = 10, in_chans: int = 3) -> None:
+    ``shortcut="A"`` (the paper's, parameter-free) or ``"B"`` (1x1 conv + BN projection where the shape changes).
+    """
+
+    def __init__(self, depth: int = 32, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"CIFAR ResNet shortcut must be 'A' or 'B', got '{shortcut}'")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages, cin = [], 16
         for i, cout in enumerate((16, 32, 64)):
-            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1, shortcut)
+                      for j in range(n)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.layer1, self.layer2, self.layer3 = stages

@@ -1,4 +1,9 @@
-"""``create_model``: the built-ins by name, anything else through timm."""
+"""``create_model``: the built-ins by name, anything else through timm.
+
+Built-ins: ``cifar_resnet32`` / ``cifar_resnet20`` are the papers' CIFAR ResNets with option-A (parameter-free,
+zero-padded) shortcuts, the MW-Net / CMW-Net backbone (ResNet-32: 0.46M parameters); ``cifar_resnet32b`` /
+``cifar_resnet20b`` are the option-B variants (1x1 conv + BN projection shortcuts); ``small_cnn`` is the digits CNN.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,13 @@ from torch import nn
 from cmw_transfer.errors import UserError
 from cmw_transfer.models.builtin import CifarResNet, SmallCNN
 
+# cifar_resnet32/20: the papers' option-A ResNets (parameter-free zero-padded shortcuts; ResNet-32 = 0.46M
+# parameters, as MW-Net / CMW-Net); cifar_resnet32b/20b: the option-B variants (1x1 conv + BN projections).
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet32": lambda num_classes, in_chans: CifarResNet(32, num_classes, in_chans),
     "cifar_resnet20": lambda num_classes, in_chans: CifarResNet(20, num_classes, in_chans),
+    "cifar_resnet32b": lambda num_classes, in_chans: CifarResNet(32, num_classes, in_chans, shortcut="B"),
+    "cifar_resnet20b": lambda num_classes, in_chans: CifarResNet(20, num_classes, in_chans, shortcut="B"),
     "small_cnn": lambda num_classes, in_chans: SmallCNN(num_classes, in_chans),
 }
 

@@ -18,38 +18,111 @@ BatchNorm running statistics are never touched by the virtual or meta passes (th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.func import functional_call
 
+from cmw_transfer.errors import UserError
 from cmw_transfer.models import parameter_stages
+from cmw_transfer.trainer.dual_forward import FusedTangents
 from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
+
+try:
+    from timm.optim import SGDW as _SGDW
+except ImportError:  # older timm
+    _SGDW = None
 
 Params = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class VirtualStep:
-    """How the virtual step mirrors the real optimizer: plain SGD by default (as the paper)."""
+    """One optimizer step as a function of the gradient: plain SGD by default (as the paper), or SGD with the
+    momentum / Nesterov / dampening / (coupled or decoupled) weight decay of a real optimizer's param group."""
 
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    dampening: float = 0.0
+    decoupled_weight_decay: bool = False
 
     @property
     def grad_scale(self) -> float:
-        return 1.0 + self.momentum if self.nesterov else 1.0
+        """``slope`` of a first step (no momentum buffer yet)."""
+        return self.slope(has_buffer=False)
+
+    def slope(self, has_buffer: bool) -> float:
+        """``-d w_hat / d g / lr``: the step is affine in the gradient, this is its (scalar) slope."""
+        if not self.momentum:
+            return 1.0
+        into_buffer = 1.0 - self.dampening if has_buffer else 1.0
+        return 1.0 + self.momentum * into_buffer if self.nesterov else into_buffer
 
     def apply(self, w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
-        d = g + self.weight_decay * w if self.weight_decay else g
+        """``w_hat`` exactly as ``torch.optim.SGD`` (or timm's ``SGDW`` when decoupled) would step ``w``."""
+        coupled = self.weight_decay and not self.decoupled_weight_decay
+        d = g + self.weight_decay * w if coupled else g
         if self.momentum:
-            d_buf = d if buf is None else self.momentum * buf + d
+            d_buf = d if buf is None else self.momentum * buf + (1.0 - self.dampening) * d
             d = d + self.momentum * d_buf if self.nesterov else d_buf
+        if self.weight_decay and self.decoupled_weight_decay:
+            w = w * (1.0 - self.lr * self.weight_decay)
         return w - self.lr * d
+
+
+StepSpec = VirtualStep | Mapping[str, VirtualStep]  # one step for every parameter, or one per parameter name
+
+
+def virtual_step_from_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]
+                                ) -> tuple[dict[str, VirtualStep], Params]:
+    """The next step of the optimizer actually built, per parameter name, plus its momentum buffers.
+
+    Reads every param group (lr as scheduled now, momentum, dampening, Nesterov, weight decay: timm's
+    ``create_optimizer_v2`` puts biases and normalisation parameters in a no-decay group), so the virtual step is
+    the real one. Parameters the optimizer does not hold get ``lr=0`` (the real step leaves them too). Mirrors
+    ``torch.optim.SGD`` and timm's ``SGDW``; any other optimizer is a user error.
+    """
+    decoupled = _mirrorable(optimizer)
+    name_of = {id(p): n for n, p in params.items()}
+    steps: dict[str, VirtualStep] = {n: VirtualStep(0.0) for n in params}
+    buffers: Params = {}
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise UserError("--mirror-optimizer: an optimizer with maximize=True cannot be mirrored")
+        step = VirtualStep(float(group["lr"]), float(group.get("momentum", 0.0)),
+                           float(group.get("weight_decay", 0.0)), bool(group.get("nesterov", False)),
+                           float(group.get("dampening", 0.0)), decoupled)
+        for p in group["params"]:
+            name = name_of.get(id(p))
+            if name is None:
+                continue
+            steps[name] = step
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if step.momentum and buf is not None:
+                buffers[name] = buf
+    return steps, buffers
+
+
+def _mirrorable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether weight decay is decoupled; a user error for an optimizer whose step is not mirrored exactly."""
+    if type(optimizer) is torch.optim.SGD:
+        return False
+    plain_sgdw = not any(g.get("caution") or g.get("corrected_weight_decay") for g in optimizer.param_groups)
+    if _SGDW is not None and type(optimizer) is _SGDW and plain_sgdw:
+        return True
+    raise UserError(f"--mirror-optimizer cannot mirror {type(optimizer).__name__}: only SGD (momentum, Nesterov, "
+                    "dampening, per-group weight decay) and timm's SGDW are mirrored; drop --mirror-optimizer to "
+                    "use the paper's plain-SGD virtual step")
+
+
+def _steps_for(step: StepSpec, names: list[str]) -> dict[str, VirtualStep]:
+    return {n: step for n in names} if isinstance(step, VirtualStep) else {n: step[n] for n in names}
 
 
 def parse_meta_grad(spec: str) -> tuple[str, int]:
@@ -141,21 +214,28 @@ def reverse_directional_derivatives(terms: torch.Tensor, params: list[torch.Tens
 
 def forward_directional_derivatives(model: nn.Module, params: Params, buffers: Params, batch: TrainBatch,
                                     objective: WeightedCE | SoftLabelCE, names: list[str],
-                                    tangents: list[torch.Tensor]) -> torch.Tensor:
-    """The same quantity by forward-mode AD (``torch.func.jvp``): one dual forward, no second-order graph.
+                                    tangents: list[torch.Tensor], *, fused: bool = True) -> torch.Tensor:
+    """The same quantity by forward-mode AD: one dual forward, no second-order graph.
 
     Used for ``exact``: it needs no retained training graph, so the meta-iteration's peak memory stays near the
-    larger of one training and one meta step.
+    larger of one training and one meta step. ``fused`` (default) runs it under
+    :class:`~cmw_transfer.trainer.dual_forward.FusedTangents` (one tangent conv per conv, closed-form BatchNorm
+    tangent); ``fused=False`` is plain ``torch.func.jvp``, kept as the reference.
     """
     frozen = {k: p.detach() for k, p in params.items() if k not in names}
+    if not fused:
+        def terms_of(virtual: Params) -> torch.Tensor:
+            logits = functional_call(model, ({**frozen, **virtual}, _clone(buffers)), (batch.x,))
+            return objective.terms(logits, batch)
 
-    def terms_of(virtual: Params) -> torch.Tensor:
-        logits = functional_call(model, ({**frozen, **virtual}, _clone(buffers)), (batch.x,))
-        return objective.terms(logits, batch)
-
-    primals = {n: params[n].detach() for n in names}
-    _, d = torch.func.jvp(terms_of, (primals,), (dict(zip(names, tangents)),))
-    return d
+        primals = {n: params[n].detach() for n in names}
+        return torch.func.jvp(terms_of, (primals,), (dict(zip(names, tangents)),))[1]
+    with torch.no_grad(), fwad.dual_level(), FusedTangents():
+        dual = {n: fwad.make_dual(params[n].detach(), t) for n, t in zip(names, tangents)}
+        logits = functional_call(model, ({**frozen, **dual}, _clone(buffers)), (batch.x,))
+        terms = objective.terms(logits, batch)
+        d = fwad.unpack_dual(terms).tangent
+    return torch.zeros_like(terms) if d is None else d
 
 
 def meta_gradient(
@@ -167,7 +247,7 @@ def meta_gradient(
     meta_x: torch.Tensor,
     meta_y: torch.Tensor,
     objective: WeightedCE | SoftLabelCE,
-    step: VirtualStep,
+    step: StepSpec,
     names: list[str],
     *,
     momentum_buffers: Params | None = None,
@@ -179,7 +259,9 @@ def meta_gradient(
 ) -> MetaResult:
     """Meta-gradient of the weighting net at ``params``; pure: ``params`` and ``buffers`` are not modified.
 
-    ``names`` are the virtually updated parameters (see :func:`virtual_names`). ``train_out`` lets a trainer pass
+    ``names`` are the virtually updated parameters (see :func:`virtual_names`); ``step`` is one
+    :class:`VirtualStep` for all of them or one per name (:func:`virtual_step_from_optimizer`), with
+    ``momentum_buffers`` the optimizer's buffers by name. ``train_out`` lets a trainer pass
     the (logits, terms) of a training forward it already ran; ``result.train_grads`` then holds that batch's
     weighted gradient for every parameter, so an actual step at the current net needs no second backward.
     ``derivatives``: ``forward`` (jvp), ``reverse`` (on the kept graph) or ``auto`` (forward when every parameter
@@ -211,11 +293,14 @@ def meta_gradient(
     gate_values: dict[str, torch.Tensor] = {}
     if gates is not None:
         gate_values = gates(grad_of)
+    steps = _steps_for(step, names)
+    buffers_of = momentum_buffers or {}
+    # w_hat is affine in g with slope -lr * s per tensor, so dw_hat/dtheta folds into the tangents below
+    scale = {n: steps[n].lr * steps[n].slope(buffers_of.get(n) is not None) for n in names}
     fast: Params = {}
     for name, p in leaves.items():
         if name in grad_of:
-            buf = (momentum_buffers or {}).get(name)
-            fast[name] = step.apply(p.detach(), grad_of[name], buf).requires_grad_(True)
+            fast[name] = steps[name].apply(p.detach(), grad_of[name], buffers_of.get(name)).requires_grad_(True)
         else:
             fast[name] = p.detach()
     meta_logits = functional_call(model, (fast, _clone(buffers)), (meta_x,))
@@ -230,12 +315,16 @@ def meta_gradient(
     if gates is not None:
         result.active = [n for n in names if float(gate_values[n].detach()) > 0.5]
         tangents = [g if n in result.active else torch.zeros_like(g) for n, g in zip(names, g_meta)]
-        result.gate_grads = _gate_gradients(gates, gate_values, names, g_meta, grad_of, result.active, step)
+        result.gate_grads = _gate_gradients(gates, gate_values, names, g_meta, grad_of, result.active, scale)
+    common = set(scale.values())
+    outer = common.pop() if len(common) == 1 else 1.0  # one step for all: scale d once instead of every tangent
+    if outer == 1.0:
+        tangents = [scale[n] * t for n, t in zip(names, tangents)]
     if reverse:
         d = reverse_directional_derivatives(terms, [leaves[n] for n in names], tangents)
     else:
         d = forward_directional_derivatives(model, leaves, buffers, batch, objective, names, tangents)
-    surrogate = -step.lr * step.grad_scale * (coeff * d.detach()).sum()
+    surrogate = -outer * (coeff * d.detach()).sum()
     wgrads = torch.autograd.grad(surrogate, list(wnet_params.values()), allow_unused=True)
     result.wnet_grads = {k: torch.zeros_like(p) if g is None else g
                          for (k, p), g in zip(wnet_params.items(), wgrads)}
@@ -243,7 +332,7 @@ def meta_gradient(
 
 
 def _gate_gradients(gates: FamusGates, gate_values: dict[str, torch.Tensor], names: list[str],
-                    g_meta: list[torch.Tensor], grad_of: Params, active: list[str], step: VirtualStep
+                    g_meta: list[torch.Tensor], grad_of: Params, active: list[str], scale: dict[str, float]
                     ) -> dict[str, torch.Tensor]:
     """FaMUS sampler gradients: dL_meta/dr_l through the straight-through update plus the count penalty.
 
@@ -256,7 +345,7 @@ def _gate_gradients(gates: FamusGates, gate_values: dict[str, torch.Tensor], nam
     for name, gm in zip(names, g_meta):
         if name in gates.names:
             sign = 1.0 if name in active else -1.0
-            slope = (-step.lr * step.grad_scale * (gm * grad_of[name]).sum()).detach()
+            slope = (-scale[name] * (gm * grad_of[name]).sum()).detach()
             surrogate = surrogate + sign * slope * gate_values[name]
     params = dict(gates.named_parameters())
     grads = torch.autograd.grad(surrogate, list(params.values()), allow_unused=True)

@@ -41,7 +41,14 @@ from cmw_transfer.trainer.config import MetaTrainConfig
 from cmw_transfer.trainer.data import load_source, stack_batch
 from cmw_transfer.trainer.engine import Engine, Stage
 from cmw_transfer.trainer.metasets import gmm_clean_indices, lowest_loss_indices, parse_meta_set, per_sample_losses
-from cmw_transfer.trainer.metastep import FamusGates, VirtualStep, meta_gradient, parse_meta_grad, virtual_names
+from cmw_transfer.trainer.metastep import (
+    FamusGates,
+    VirtualStep,
+    meta_gradient,
+    parse_meta_grad,
+    virtual_names,
+    virtual_step_from_optimizer,
+)
 from cmw_transfer.trainer.objectives import TrainBatch, create_objective
 from cmw_transfer.trainer.registry import register_trainer
 from cmw_transfer.trainer.rundir import RunDirectory
@@ -293,13 +300,10 @@ class MetaTrainer(Stage):
                    buffers: dict, gen: np.random.Generator) -> tuple[float, dict | None]:
         cfg = self.cfg
         meta_x, meta_y = self.meta_batch(gen)
-        lr_now = self.optimizer.param_groups[0]["lr"]
-        step = VirtualStep(lr_now, cfg.momentum, cfg.weight_decay) if cfg.mirror_optimizer else VirtualStep(lr_now)
-        momentum = None
-        if cfg.mirror_optimizer:
-            state = self.optimizer.state
-            momentum = {n: state[p]["momentum_buffer"] for n, p in params.items()
-                        if p in state and "momentum_buffer" in state[p]}
+        if cfg.mirror_optimizer:  # the real optimizer's param groups, Nesterov, per-group weight decay, buffers
+            step, momentum = virtual_step_from_optimizer(self.optimizer, params)
+        else:
+            step, momentum = VirtualStep(self.optimizer.param_groups[0]["lr"]), None
         reuse = cfg.actual_step == "reuse"
         result = meta_gradient(self.model, self.wnet, params, buffers, batch, meta_x, meta_y, self.objective, step,
                                self.virtual, momentum_buffers=momentum, gates=self.gates, train_out=(logits, terms),
