@@ -34,7 +34,14 @@ OLTR_FIELDS = ("oltr_stage1_epochs", "oltr_stage2_epochs", "oltr_backbone_lr_mul
 # settings that do not change what is computed: a resume may change them
 RESUME_FREE = ("out", "resume", "workers", "eval_every", "extra_eval", "device", "overwrite", "progress",
                "open_dataset", "open_threshold", "open_accept")
-METHODS = ("cmwnet", "mwnet", "cmwnet-sl")
+METHODS = ("cmwnet", "mwnet", "cmwnet-sl", "advisor")
+# what --method advisor reads: in the fingerprint of advisor runs only, so other runs keep theirs
+ADVISOR_FIELDS = ("advisor", "advisor_rho")
+# per-method defaults, between the source's recipe and --config/the command line (the advisor paper: Adam 1e-4,
+# actual step with the updated advisor)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "advisor": dict(meta_lr=1e-4, meta_weight_decay=0.0, actual_step="updated"),
+}
 # reuse: the real step uses the gradient the virtual step already computed (weights of the net before its update):
 #        one backward fewer and the training graph is freed before the meta pass (peak memory ~ one step).
 # updated: the paper's order, the real step re-weights with the just-updated net (keeps the graph alive).
@@ -282,6 +289,8 @@ class MetaTrainConfig(StageConfig):
     workers: int = 0
     famus_active: int = 4
     eval_dataset: str | None = None  # required for list: / folder: sources (they have no test split)
+    advisor: str = "mfrw,mes"  # --method advisor: which outputs the advisor has (mfrw, mes or both)
+    advisor_rho: float = 0.9  # --method advisor: P(beta = 1) of the MES Bernoulli
 
     @classmethod
     def bookkeeping_keys(cls) -> tuple[str, ...]:
@@ -291,6 +300,9 @@ class MetaTrainConfig(StageConfig):
         config = self.to_dict()
         if config["eval_dataset"] is None:  # the fingerprint of runs from before the option existed
             config.pop("eval_dataset")
+        if self.method != "advisor":
+            for key in ADVISOR_FIELDS:
+                config.pop(key)
         return config_fingerprint(config, ignore=METATRAIN_RESUME_FREE)
 
     def validate(self) -> None:
@@ -315,6 +327,12 @@ class MetaTrainConfig(StageConfig):
             raise UserError(f"--actual-step must be one of {', '.join(ACTUAL_STEPS)}, got '{self.actual_step}'")
         if self.method == "mwnet":
             self.families = 1
+        if self.method == "advisor":
+            from cmw_transfer.trainer.advisor import parse_advisor
+
+            parse_advisor(self.advisor)
+            if not 0.0 <= self.advisor_rho <= 1.0:
+                raise UserError(f"--advisor-rho must be in [0, 1], got {self.advisor_rho}")
 
 
 # Paper recipes (reference-implementations.md §1.2) and the embedded demo; used for options left unset.
