@@ -24,7 +24,8 @@ from cmw_transfer.weighting import NORMALIZATIONS
 
 C = TypeVar("C", bound="StageConfig")
 
-WEIGHTINGS = ("cmw", "none", "focal", "class-balanced")  # the last two: fixed baselines (cmw_transfer.baselines)
+WEIGHTINGS = ("cmw", "none", "focal", "class-balanced", "eql")  # fixed baselines: cmw_transfer.baselines, .eql
+EQL_FIELDS = ("eql_threshold", "eql_rho")  # --weighting eql only: in the fingerprint of EQL runs only
 TRAINERS = ("erm", "oltr")
 OLTR_SAMPLERS = ("class-aware", "uniform")
 # options only --trainer oltr reads: they enter the fingerprint of OLTR runs only, so ERM runs keep theirs
@@ -147,6 +148,8 @@ class ApplyConfig(StageConfig):
     weighting: str = "cmw"
     focal_gamma: float = 2.0
     cb_beta: float = 0.999
+    eql_threshold: float | None = None  # --weighting eql: frequency threshold lambda (None: 1 / (2 C))
+    eql_rho: float = 0.9  # --weighting eql: P(beta = 1)
     normalization: str = "batch"
     families: int | None = None
     soft_labels: bool = False
@@ -190,6 +193,9 @@ class ApplyConfig(StageConfig):
                 config.pop(key)
         if not self.open_classes:
             config.pop("open_classes")
+        if self.weighting != "eql":
+            for key in EQL_FIELDS:
+                config.pop(key)
         return config_fingerprint(config, ignore=RESUME_FREE)
 
     def stage_epochs(self) -> tuple[int, int]:
@@ -209,6 +215,11 @@ class ApplyConfig(StageConfig):
             raise UserError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got '{self.weighting}'")
         if self.weighting == "cmw" and not self.weights:
             raise UserError("--weighting cmw needs --weights SPEC (or use --weighting none for the ERM baseline)")
+        if self.weighting == "eql" and (not 0.0 <= self.eql_rho <= 1.0 or (self.eql_threshold or 0.0) < 0):
+            raise UserError("--eql-rho must be in [0, 1] and --eql-threshold >= 0")
+        if self.weighting == "eql" and self.soft_labels:
+            raise UserError("--weighting eql changes the softmax of the plain loss; it does not combine with "
+                            "--soft-labels")
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}")
         _at_least((("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
