@@ -245,3 +245,27 @@ def test_resume_after_interrupted_epoch_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="nothing to resume"):
         AdvisorTrainer(cfg, resume=True, progress=False).run()
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
+def test_any_timm_backbone_through_its_split_equals_the_oracle(name):
+    torch.manual_seed(0)
+    model = create_model(name, 3, in_chans=1).double()
+    split = make_split(model)
+    x, y = torch.randn(6, 1, 32, 32, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meta = (torch.randn(4, 1, 32, 32, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    advisor = AdvisorNet(split.head.in_features, 3, embed=5).double()
+    beta = (torch.rand(6, 3) < 0.9).double()
+    result = _grad(model, advisor, x, y, beta, meta, VirtualStep(0.3), virtual_names(model, "exact"))
+    want = deepcopy_advisor_meta_gradient(model, advisor, x, y, beta, *meta, lr=0.3)
+    for k, g in want.items():
+        torch.testing.assert_close(result.wnet_grads[k], g, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("meta_grad", ["skip:1", "famus"])
+def test_stage_runs_the_cut_meta_gradients(tmp_path, meta_grad):
+    trainer = AdvisorTrainer(small_cfg(tmp_path, epochs=1, warmup_epochs=0, meta_grad=meta_grad), progress=False)
+    before = {k: v.clone() for k, v in trainer.wnet.state_dict().items()}
+    row = trainer.run()["final"]
+    assert row["meta_steps"] > 0 and all(v == v for v in (row["meta_loss"], row["train_loss"]))
+    assert any(not torch.equal(before[k], v) for k, v in trainer.wnet.state_dict().items())
