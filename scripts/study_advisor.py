@@ -15,7 +15,7 @@ The meta-trained methods hold out 10 clean samples per class (before the bias) a
 Cost: one training iteration of each stage on the same batches, timed side by side (interleaved, several repeats,
 median): an ERM step (the meta-train stage in its CE warm-up), a CMW-Net meta-iteration and an advisor
 meta-iteration (``--meta-grad exact``, meta step + actual step); and the peak memory of each (CUDA: peak allocated;
-CPU: growth of the peak resident set over the run of that step, reset between methods).
+CPU: peak of the tensor storages the step allocates and keeps alive, tracked op by op).
 
     python scripts/study_advisor.py                                   # ~10 minutes on 2 busy CPU cores
     python scripts/study_advisor.py --seeds 0 --settings pairflip     # a quick look
@@ -37,6 +37,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # exact, and faster than 2 contended threads on small models
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -77,29 +80,32 @@ def run_one(method: str, noise: str | None, imbalance: float | None, seed: int, 
 
 
 # -- cost -----------------------------------------------------------------------------------------------------
-def _peak_rss_kib() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated inside the block and still alive (device independent).
 
+    Every op's outputs are tracked by storage (views and in-place results count once); a storage is released
+    when its last reference dies. What existed before the block (parameters, optimizer state) is not counted, so
+    the peak is the extra memory of the step: activations, the graphs kept, gradients, virtual weights.
+    """
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
 
-
-def _release_freed_memory() -> None:
-    """glibc: serve allocations above 16 KiB by mmap, so a freed tensor leaves the resident set and the peak
-    resident set follows the peak of live tensors (heap reuse would hide it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 16384)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self.live:
+                    self.live[key] = (StorageWeakRef(storage), size)
+                    self.now += size
+        self.peak = max(self.peak, self.now)
+        return out
 
 
 def cost(args, workdir: Path) -> dict[str, dict[str, float]]:
@@ -134,20 +140,20 @@ def cost(args, workdir: Path) -> dict[str, dict[str, float]]:
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) / len(batches))
     memory: dict[str, float] = {}
-    if device.type != "cuda":
-        _release_freed_memory()
     for name, stage in stages.items():
         gc.collect()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        else:
-            _reset_peak_rss()
-            base = _peak_rss_kib() * 1024
-        for it, batch in enumerate(batches):
-            stage.train_step(it, batch)
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_kib() * 1024
-        memory[name] = (peak - base) / 2**20
+            for it, batch in enumerate(batches[:3]):
+                stage.train_step(it, batch)
+            memory[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            continue
+        tracker = PeakTensorMemory()
+        with tracker:
+            for it, batch in enumerate(batches[:3]):
+                stage.train_step(it, batch)
+        memory[name] = tracker.peak / 2**20
     med = {n: statistics.median(t) for n, t in times.items()}
     return {n: {"seconds": med[n], "x erm": med[n] / med["erm step"],
                 "x cmwnet": med[n] / med["cmwnet meta-iteration"], "peak MiB": memory[n]} for n in stages}
