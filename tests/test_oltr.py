@@ -27,7 +27,7 @@ from cmw_transfer.models.oltr import (
 from cmw_transfer.trainer.apply import run_apply
 from cmw_transfer.trainer.checkpoint import config_fingerprint
 from cmw_transfer.trainer.common import DistributedContext, make_loader
-from cmw_transfer.trainer.config import OLTR_FIELDS, RESUME_FREE, ApplyConfig
+from cmw_transfer.trainer.config import EQL_FIELDS, OLTR_FIELDS, RESUME_FREE, ApplyConfig
 from cmw_transfer.trainer.oltr import ClassAwareSampler
 from cmw_transfer.trainer.openset import class_centroids, hold_out_classes, parse_open_classes, train_eval_view
 from tests.faults import crash_at
@@ -295,7 +295,7 @@ def test_erm_trainer_evaluates_the_open_set_too(tmp_path):
 def test_fingerprints_keep_erm_runs_resumable_and_separate_oltr_settings(tmp_path):
     erm = ApplyConfig(dataset="digits", out=str(tmp_path))
     old_fields = {k: v for k, v in erm.to_dict().items()
-                  if k not in (*OLTR_FIELDS, "trainer", "open_dataset", "open_classes", "open_threshold",
+                  if k not in (*OLTR_FIELDS, *EQL_FIELDS, "trainer", "open_dataset", "open_classes", "open_threshold",
                                "open_accept")}
     assert erm.fingerprint() == config_fingerprint(old_fields, ignore=RESUME_FREE)  # as before OLTR existed
     assert ApplyConfig(dataset="digits", out=str(tmp_path), dcl_weight=0.5).fingerprint() == erm.fingerprint()

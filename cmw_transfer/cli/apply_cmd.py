@@ -127,9 +127,13 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--warmup-lr-epochs", type=WARMUP, default=0, show_default=True, help="Linear lr warm-up (timm).")
 @click.option("--warmup-epochs", type=WARMUP, default=0, show_default=True,
               help="Plain cross-entropy for the first E epochs, then the weighted loss (as the paper).")
-@click.option("--weighting", type=click.Choice(["cmw", "none", "focal", "class-balanced"]), default="cmw",
+@click.option("--weighting", type=click.Choice(["cmw", "none", "focal", "class-balanced", "eql"]), default="cmw",
               show_default=True, help="cmw: frozen net; none: the plain ERM baseline through the same pipeline; "
-                                      "focal / class-balanced: fixed-weighting baselines.")
+                                      "focal / class-balanced: fixed-weighting baselines; eql: equalization loss.")
+@click.option("--eql-threshold", type=FRACTION, default=None,
+              help="--weighting eql: classes below this training frequency are rare (default 1/(2C)).")
+@click.option("--eql-rho", type=FRACTION, default=0.9, show_default=True,
+              help="--weighting eql: P(beta = 1), beta drawn per sample and class.")
 @click.option("--focal-gamma", type=NON_NEGATIVE, default=2.0, show_default=True,
               help="--weighting focal: (1-p_t)^gamma.")
 @click.option("--cb-beta", type=UNIT_OPEN, default=0.999, show_default=True,

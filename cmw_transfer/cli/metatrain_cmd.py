@@ -9,14 +9,17 @@ from typing import Any
 import click
 
 from cmw_transfer.cli import options as opt
-from cmw_transfer.trainer.config import METHODS, MetaTrainConfig, recipe_for
+from cmw_transfer.trainer.config import METHOD_DEFAULTS, METHODS, MetaTrainConfig, recipe_for
 
 # option name -> (type, help); defaults come from the source's recipe, then from MetaTrainConfig
 OPTIONS: dict[str, tuple[Any, str]] = {
     "data_dir": (str, "Root folder of the source dataset's files."),
     "noise": (str, "Extra noise steps, e.g. sym:0.4+asym:0.2 or pmd1:0.35+asym:0.3."),
     "imbalance": (opt.IMBALANCE, "Long-tail imbalance factor IF (n_max / n_min)."),
-    "method": (click.Choice(METHODS), "cmwnet (K families), mwnet (K=1) or cmwnet-sl (soft labels)."),
+    "method": (click.Choice(METHODS), "cmwnet (K families), mwnet (K=1), cmwnet-sl (soft labels) or advisor "
+               "(MFRW/MES advisor network: outputs the trained classifier, not a transferable net)."),
+    "advisor": (str, "--method advisor: mfrw, mes or mfrw,mes (default both)."),
+    "advisor_rho": (opt.FRACTION, "--method advisor: Bernoulli rho of MES's beta (default 0.9)."),
     "families": (opt.FAMILIES, "Number of class-size families K (heads)."),
     "model": (str, "Classifier: a timm model name or a built-in (small_cnn, cifar_resnet32, cifar_resnet20)."),
     "epochs": (opt.EPOCHS, "Training epochs."),
@@ -66,18 +69,26 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
                   quiet: bool, **options) -> None:
     """Meta-train a CMW-Net / MW-Net / CMW-Net-SL weighting net; defaults follow the source's recipe.
 
+    --method advisor trains an advisor network (MFRW / MES) instead: its output is the trained classifier
+    (classifier.safetensors with a model card), since the advisor is tied to the backbone's feature size and the
+    label set and is discarded at test time; the advisor itself is kept in the checkpoint for --resume only.
+
     Prints the result as one JSON object on stdout; per-epoch lines and the progress bar go to stderr.
     """
-    from cmw_transfer.trainer.metatrain import MetaTrainer
+    from cmw_transfer.trainer.registry import create_trainer
 
     values = {f.name: f.default for f in fields(MetaTrainConfig)}
     values.update(recipe_for(src))
-    if config_file:
-        values.update(MetaTrainConfig.from_file(config_file).to_dict())
-    values.update({k: v for k, v in options.items() if v is not None})
+    from_file = MetaTrainConfig.from_file(config_file).to_dict() if config_file else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    method = given.get("method", from_file.get("method", values["method"]))
+    values.update(METHOD_DEFAULTS.get(method, {}))
+    values.update(from_file)
+    values.update(given)
     values.update(src=src, out=out)
     if mirror_optimizer:
         values["mirror_optimizer"] = True
     cfg = MetaTrainConfig.from_dict(values)
-    result = MetaTrainer(cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
+    stage = "advisor" if cfg.method == "advisor" else "metatrain"
+    result = create_trainer(stage, cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
     click.echo(json.dumps(result, sort_keys=True))

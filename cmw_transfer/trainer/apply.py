@@ -151,6 +151,10 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
         criterion = FocalWeighting(cfg.focal_gamma, cfg.normalization).to(device)
     elif cfg.weighting == "class-balanced":
         criterion = ClassBalancedWeighting(counts, cfg.cb_beta, cfg.normalization).to(device)
+    elif cfg.weighting == "eql":
+        from cmw_transfer.eql import EQLWeighting
+
+        criterion = EQLWeighting(counts, cfg.eql_threshold, cfg.eql_rho).to(device)
 
     def loader(ds: Any, train: bool) -> Any:
         return make_loader(ds, cfg.batch_size, train=train, workers=cfg.workers, seed=cfg.seed,

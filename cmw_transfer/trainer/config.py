@@ -24,7 +24,8 @@ from cmw_transfer.weighting import NORMALIZATIONS
 
 C = TypeVar("C", bound="StageConfig")
 
-WEIGHTINGS = ("cmw", "none", "focal", "class-balanced")  # the last two: fixed baselines (cmw_transfer.baselines)
+WEIGHTINGS = ("cmw", "none", "focal", "class-balanced", "eql")  # fixed baselines: cmw_transfer.baselines, .eql
+EQL_FIELDS = ("eql_threshold", "eql_rho")  # --weighting eql only: in the fingerprint of EQL runs only
 TRAINERS = ("erm", "oltr")
 OLTR_SAMPLERS = ("class-aware", "uniform")
 # options only --trainer oltr reads: they enter the fingerprint of OLTR runs only, so ERM runs keep theirs
@@ -34,7 +35,14 @@ OLTR_FIELDS = ("oltr_stage1_epochs", "oltr_stage2_epochs", "oltr_backbone_lr_mul
 # settings that do not change what is computed: a resume may change them
 RESUME_FREE = ("out", "resume", "workers", "eval_every", "extra_eval", "device", "overwrite", "progress",
                "open_dataset", "open_threshold", "open_accept")
-METHODS = ("cmwnet", "mwnet", "cmwnet-sl")
+METHODS = ("cmwnet", "mwnet", "cmwnet-sl", "advisor")
+# what --method advisor reads: in the fingerprint of advisor runs only, so other runs keep theirs
+ADVISOR_FIELDS = ("advisor", "advisor_rho")
+# per-method defaults, between the source's recipe and --config/the command line (the advisor paper: Adam 1e-4,
+# actual step with the updated advisor)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "advisor": dict(meta_lr=1e-4, meta_weight_decay=0.0, actual_step="updated"),
+}
 # reuse: the real step uses the gradient the virtual step already computed (weights of the net before its update):
 #        one backward fewer and the training graph is freed before the meta pass (peak memory ~ one step).
 # updated: the paper's order, the real step re-weights with the just-updated net (keeps the graph alive).
@@ -142,6 +150,8 @@ class ApplyConfig(StageConfig):
     weighting: str = "cmw"
     focal_gamma: float = 2.0
     cb_beta: float = 0.999
+    eql_threshold: float | None = None  # --weighting eql: frequency threshold lambda (None: 1 / (2 C))
+    eql_rho: float = 0.9  # --weighting eql: P(beta = 1)
     normalization: str = "batch"
     families: int | None = None
     soft_labels: bool = False
@@ -185,6 +195,9 @@ class ApplyConfig(StageConfig):
                 config.pop(key)
         if not self.open_classes:
             config.pop("open_classes")
+        if self.weighting != "eql":
+            for key in EQL_FIELDS:
+                config.pop(key)
         return config_fingerprint(config, ignore=RESUME_FREE)
 
     def stage_epochs(self) -> tuple[int, int]:
@@ -204,6 +217,11 @@ class ApplyConfig(StageConfig):
             raise UserError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got '{self.weighting}'")
         if self.weighting == "cmw" and not self.weights:
             raise UserError("--weighting cmw needs --weights SPEC (or use --weighting none for the ERM baseline)")
+        if self.weighting == "eql" and (not 0.0 <= self.eql_rho <= 1.0 or (self.eql_threshold or 0.0) < 0):
+            raise UserError("--eql-rho must be in [0, 1] and --eql-threshold >= 0")
+        if self.weighting == "eql" and self.soft_labels:
+            raise UserError("--weighting eql changes the softmax of the plain loss; it does not combine with "
+                            "--soft-labels")
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}")
         _at_least((("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
@@ -284,6 +302,8 @@ class MetaTrainConfig(StageConfig):
     workers: int = 0
     famus_active: int = 4
     eval_dataset: str | None = None  # required for list: / folder: sources (they have no test split)
+    advisor: str = "mfrw,mes"  # --method advisor: which outputs the advisor has (mfrw, mes or both)
+    advisor_rho: float = 0.9  # --method advisor: P(beta = 1) of the MES Bernoulli
 
     @classmethod
     def bookkeeping_keys(cls) -> tuple[str, ...]:
@@ -293,6 +313,9 @@ class MetaTrainConfig(StageConfig):
         config = self.to_dict()
         if config["eval_dataset"] is None:  # the fingerprint of runs from before the option existed
             config.pop("eval_dataset")
+        if self.method != "advisor":
+            for key in ADVISOR_FIELDS:
+                config.pop(key)
         return config_fingerprint(config, ignore=METATRAIN_RESUME_FREE)
 
     def validate(self) -> None:
@@ -317,6 +340,12 @@ class MetaTrainConfig(StageConfig):
             raise UserError(f"--actual-step must be one of {', '.join(ACTUAL_STEPS)}, got '{self.actual_step}'")
         if self.method == "mwnet":
             self.families = 1
+        if self.method == "advisor":
+            from cmw_transfer.trainer.advisor import parse_advisor
+
+            parse_advisor(self.advisor)
+            if not 0.0 <= self.advisor_rho <= 1.0:
+                raise UserError(f"--advisor-rho must be in [0, 1], got {self.advisor_rho}")
 
 
 # Paper recipes (reference-implementations.md §1.2) and the embedded demo; used for options left unset.

@@ -90,8 +90,7 @@ class MetaTrainer(Stage):
         self.family_of_class = torch.as_tensor(families, dtype=torch.long, device=self.device)
         in_chans = train[0][0].shape[0]
         self.model = create_model(cfg.model, self.num_classes, in_chans).to(self.device)
-        self.wnet = CMWNet(hidden_size=cfg.hidden_size, num_heads=cfg.families).to(self.device)
-        self.objective = create_objective(cfg.method, cfg.normalization)
+        self.wnet, self.objective = self.build_meta_model()
         self.loader = make_loader(train, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
                                   distributed=False)
         self.eval_train_loader = make_loader(train, 512, train=False, workers=cfg.workers, seed=cfg.seed,
@@ -126,6 +125,12 @@ class MetaTrainer(Stage):
         self.engine = Engine(self, resume=resume, overwrite=overwrite)
         if resume:
             self.start_epoch = self.engine.restore()
+
+    def build_meta_model(self) -> tuple[Any, Any]:
+        """The meta-model (in the ``wnet`` slot) and its objective; a stage extending this one overrides it."""
+        cfg = self.cfg
+        return (CMWNet(hidden_size=cfg.hidden_size, num_heads=cfg.families).to(self.device),
+                create_objective(cfg.method, cfg.normalization))
 
     def _classifier_prefix(self) -> str:
         head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None

@@ -20,6 +20,7 @@ _BUILTIN = {
     "erm": "cmw_transfer.trainer.apply",
     "oltr": "cmw_transfer.trainer.oltr",
     "metatrain": "cmw_transfer.trainer.metatrain",
+    "advisor": "cmw_transfer.trainer.advisor_train",
 }
 
 

@@ -26,7 +26,7 @@ RUN_FILES = {  # what each kind writes (the last two are the exported net's)
     "apply": ("config.json", "families.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
               "classifier.safetensors", "classifier_best.safetensors", "training.png"),
     "metatrain": ("run.json", "checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "README.md",
-                  "curves.png"),
+                  "curves.png", "classifier.safetensors", "classifier.json"),
 }
 KIND_NAMES = {"apply": "an apply run", "metatrain": "a meta-train run", "net": "a saved weighting net"}
 

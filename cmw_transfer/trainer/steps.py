@@ -37,7 +37,10 @@ Criterion = CMWLoss | FocalWeighting | ClassBalancedWeighting
 def weighted_ce(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion | None, normalization: str,
                 weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, per-sample CE, weights or None): the criterion's weighted CE, or the plain mean CE (warm-up)."""
-    losses = F.cross_entropy(logits.float(), y, reduction="none")
+    if weighted and hasattr(criterion, "per_sample_loss"):  # a loss that changes the softmax itself (EQL)
+        losses = criterion.per_sample_loss(logits.float(), y)
+    else:
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
     if weighted and criterion is not None:
         w = criterion.weights(losses, y)
         return (loss_coefficients(w, normalization) * losses).sum(), losses, w
