@@ -96,6 +96,11 @@ class WarmupGate:
         self._sum = w if self._sum is None else self._sum + w
         self._count += would_be_weights.numel()
 
+    def observe_mean(self, mean: float | None, count: int = 1) -> None:
+        """An epoch's mean would-be weight, already reduced (over ranks, say)."""
+        if mean is not None:
+            self.observe(torch.full((count,), float(mean)))
+
     def end_epoch(self, epoch: int) -> float | None:
         """Close (1-based) ``epoch``; returns its mean would-be weight (None when nothing was observed)."""
         mean = float(self._sum) / self._count if self._sum is not None and self._count else None
@@ -114,24 +119,49 @@ class WarmupGate:
 
 
 class ClassWeightMonitor:
-    """Per-class sums of applied weights over an epoch (on device); names the classes left far below the rest."""
+    """Per-class sums of applied weights over an epoch (on device); names the classes left far below the rest.
+
+    With the losses it also keeps the pooled within-class covariance of weight and loss: positive means that
+    inside a class the net gives *more* weight to higher losses (it takes them for clean samples). Across classes
+    the sign would say nothing: tail classes have both higher losses and, by design, higher weights.
+    """
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
-        self.sums = torch.zeros(num_classes, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.table = torch.zeros(4, num_classes, dtype=torch.float64, device=device)  # w, n, loss, w*loss
 
-    def observe(self, weights: torch.Tensor, targets: torch.Tensor) -> None:
-        if self.sums.device != weights.device:
-            self.sums, self.counts = self.sums.to(weights.device), self.counts.to(weights.device)
-        self.sums += torch.bincount(targets, weights=weights.detach().double(), minlength=self.num_classes)
-        self.counts += torch.bincount(targets, minlength=self.num_classes).double()
+    @property
+    def sums(self) -> torch.Tensor:
+        return self.table[0]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.table[1]
+
+    def observe(self, weights: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor | None = None) -> None:
+        if self.table.device != weights.device:
+            self.table = self.table.to(weights.device)
+        w = weights.detach().double()
+        rows = [w, torch.ones_like(w)]
+        if losses is not None:
+            ld = losses.detach().double()
+            rows += [ld, w * ld]
+        for i, values in enumerate(rows):
+            self.table[i] += torch.bincount(targets, weights=values, minlength=self.num_classes)
 
     def reduce(self) -> None:
         """Sum over DDP ranks (no-op without an initialised process group)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sums)
-            torch.distributed.all_reduce(self.counts)
+            torch.distributed.all_reduce(self.table)
+
+    def within_class_cov(self) -> float | None:
+        """Pooled within-class covariance of weight and loss (None before any loss was observed)."""
+        w, n, loss, wl = self.table
+        total = float(n.sum())
+        if total == 0 or float(loss.abs().sum()) == 0:
+            return None
+        seen = n > 0
+        return float((wl[seen] - w[seen] * loss[seen] / n[seen]).sum()) / total
 
     def class_means(self) -> list[float | None]:
         return [None if c == 0 else s / c for s, c in zip(self.sums.tolist(), self.counts.tolist())]
@@ -145,8 +175,7 @@ class ClassWeightMonitor:
         return [c for c, m in enumerate(self.class_means()) if m is not None and m < fraction * median]
 
     def reset(self) -> None:
-        self.sums.zero_()
-        self.counts.zero_()
+        self.table.zero_()
 
 
 class LossRangeMonitor:

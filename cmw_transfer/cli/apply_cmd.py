@@ -17,6 +17,7 @@ from click.core import ParameterSource
 from cmw_transfer.cli.launch import run_under_torchrun
 from cmw_transfer.cli.options import (
     BATCH,
+    CLASS_FLOOR,
     DEVICE,
     EPOCHS,
     FAMILIES,
@@ -30,6 +31,7 @@ from cmw_transfer.cli.options import (
     SEED,
     UNIT_OPEN,
     WARMUP,
+    WARMUP_AUTO,
     WEIGHT_DECAY,
     WORKERS,
     bounded_int,
@@ -125,8 +127,13 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--decay-milestones", default="", metavar="E1,E2",
               help="--sched multistep: epochs where the lr is multiplied by 0.1 (default: 50% and 75% of the run).")
 @click.option("--warmup-lr-epochs", type=WARMUP, default=0, show_default=True, help="Linear lr warm-up (timm).")
-@click.option("--warmup-epochs", type=WARMUP, default=0, show_default=True,
-              help="Plain cross-entropy for the first E epochs, then the weighted loss (as the paper).")
+@click.option("--warmup-epochs", type=WARMUP_AUTO, default="auto", show_default=True,
+              help="Plain cross-entropy epochs before the net is applied (the paper's warm-up; timm's lr warm-up "
+                   "is --warmup-lr-epochs). auto: until the net would give the target's samples half the weight it "
+                   "gives a typical source sample, at most a quarter of the run, never in epoch 1.")
+@click.option("--min-class-weight", type=CLASS_FLOOR, default=0.5, show_default=True,
+              help="Class floor: in every batch a class's mean weight is lifted to at least this fraction of the "
+                   "batch's mean weight (order inside the class kept); 0 disables it.")
 @click.option("--weighting", type=click.Choice(["cmw", "none", "focal", "class-balanced", "eql"]), default="cmw",
               show_default=True, help="cmw: frozen net; none: the plain ERM baseline through the same pipeline; "
                                       "focal / class-balanced: fixed-weighting baselines; eql: equalization loss.")

@@ -86,6 +86,17 @@ class DeviceType(click.ParamType):
         return text
 
 
+class WarmupType(click.ParamType):
+    """``auto`` or a number of plain-CE epochs (0..MAX_EPOCHS)."""
+
+    name = "auto|E"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | int:
+        if str(value).strip().lower() == "auto":
+            return "auto"
+        return bounded_int(0, MAX_EPOCHS).convert(value, param, ctx)
+
+
 # -- the types the commands use ----------------------------------------------------------------------------------
 LR = FiniteFloat(0.0, MAX_LR, min_open=True)
 POSITIVE = FiniteFloat(0.0, min_open=True)
@@ -105,6 +116,8 @@ FAMILIES = bounded_int(1, MAX_FAMILIES)
 HIDDEN = bounded_int(1, MAX_HIDDEN)
 NPROC = bounded_int(1, MAX_NPROC)
 DEVICE = DeviceType()
+WARMUP_AUTO = WarmupType()
+CLASS_FLOOR = FiniteFloat(0.0, 1.0)
 
 weights_option = click.option(
     "--weights", "weights_spec", required=True, metavar="SPEC",

@@ -33,13 +33,14 @@ from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.atomic import write_json
 from cmw_transfer.baselines import ClassBalancedWeighting, FocalWeighting
 from cmw_transfer.errors import UserError
+from cmw_transfer.guards import STARVED_FRACTION, WarmupGate, reference_weight
 from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, state_digest
 from cmw_transfer.trainer.common import DistributedContext, create_optimizer_and_scheduler, derive_seed, make_loader
 from cmw_transfer.trainer.config import ApplyConfig
 from cmw_transfer.trainer.data import check_model_name, load_datasets
 from cmw_transfer.trainer.engine import Engine, Stage
 from cmw_transfer.trainer.evaluation import amp_setup, evaluate_sharded, sync_buffers
-from cmw_transfer.trainer.families import RANGE_TOLERANCE, loss_range_report, target_families
+from cmw_transfer.trainer.families import RANGE_TOLERANCE, target_families
 from cmw_transfer.trainer.openset import evaluate_open_set, prepare_open_set
 from cmw_transfer.trainer.registry import create_trainer, register_trainer
 from cmw_transfer.trainer.report import plot_training
@@ -146,7 +147,8 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
             raise RuntimeError(f"ranks disagree on the target families: {digests}")
         families["rank_digests"] = digests
         families["ranks_agree"] = True
-        criterion = CMWLoss(net, families["family_of_class"], cfg.normalization).to(device)
+        criterion = CMWLoss(net, families["family_of_class"], cfg.normalization,
+                            min_class_weight=cfg.min_class_weight).to(device)
     elif cfg.weighting == "focal":
         criterion = FocalWeighting(cfg.focal_gamma, cfg.normalization).to(device)
     elif cfg.weighting == "class-balanced":
@@ -179,7 +181,8 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
     """Train, evaluate, write the run directory; returns the summary (every rank gets it)."""
     cfg.validate()
     RunDirectory(cfg.out, "apply", resume=cfg.resume, overwrite=cfg.overwrite).check()  # before any work
-    if cfg.weighting != "none" and cfg.warmup_epochs >= max(cfg.stage_epochs()) and os.environ.get("RANK", "0") == "0":
+    if (cfg.weighting != "none" and cfg.warmup_epochs != "auto" and cfg.warmup_epochs >= max(cfg.stage_epochs())
+            and os.environ.get("RANK", "0") == "0"):
         warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} covers every epoch (--epochs {cfg.epochs}): the run is "
                       f"plain cross-entropy and the {cfg.weighting} weighting is never applied", stacklevel=2)
     # a checkpoint of another configuration is refused before any data or model is loaded
@@ -228,6 +231,9 @@ class ERMTrainer(Stage):
         self.best: dict[str, Any] = {"top1": None, "epoch": None}
         self.final_eval: dict[str, Any] = {}
         self.range_warned = False
+        self.warned: set[str] = set()
+        self.per_class: dict[str, list[float | None] | None] = {}
+        self.gate = self.make_gate()
         self.is_weighted = False
         self.last_shape: tuple[int, ...] | None = None
         self.seen = 0
@@ -264,9 +270,19 @@ class ERMTrainer(Stage):
         """Before every epoch (a stage switch, say); returns a note for the progress bar."""
         return ""
 
+    def make_gate(self) -> WarmupGate:
+        """The warm-up: a fixed count, or ``auto`` (the frozen net's readiness; no warm-up for fixed weightings)."""
+        cfg, s = self.s.cfg, self.s
+        if cfg.warmup_epochs != "auto":
+            return WarmupGate(int(cfg.warmup_epochs), cfg.total_epochs())
+        if not isinstance(s.criterion, CMWLoss):
+            return WarmupGate(0, cfg.total_epochs())
+        reference = reference_weight(s.criterion.net, s.criterion.net.loss_range, s.criterion.family_of_class)
+        return WarmupGate("auto", cfg.total_epochs(), reference)
+
     def weighted(self, epoch: int) -> bool:
-        """Whether ``epoch`` (0-based) uses the net's weights: after the plain-CE warm-up epochs."""
-        return epoch >= self.s.cfg.warmup_epochs
+        """Whether ``epoch`` (0-based) uses the net's weights: after the plain-CE warm-up (see :meth:`make_gate`)."""
+        return self.gate.applies(epoch + 1)
 
     def epoch_fields(self) -> dict[str, Any]:
         return {}
@@ -293,6 +309,7 @@ class ERMTrainer(Stage):
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.s.scaler.state_dict() if self.s.scaler is not None else None,
             "soft": self.soft.state_dict() if self.soft is not None else None,
+            "gate": self.gate.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -305,6 +322,8 @@ class ERMTrainer(Stage):
         if self.soft is not None:
             self.soft.load_state_dict(state["soft"])
         self.best = {"top1": state["best"]["top1"], "epoch": state["best"]["epoch"]}
+        if isinstance(state.get("gate"), dict):
+            self.gate.load_state_dict(state["gate"])
 
     def start(self, epoch: int) -> None:
         """Wrap for DDP and build the step, continuing the lr schedule at ``epoch``."""
@@ -325,6 +344,7 @@ class ERMTrainer(Stage):
         self.is_weighted = self.weighted(epoch)
         assert self.stepper is not None
         self.stepper.reset_stats()
+        self.stepper.observe_unweighted = not self.is_weighted and self.gate.start_epoch is None
         self.seen, self.last_shape = 0, None
         return note + ("" if self.is_weighted else " (CE warm-up)")
 
@@ -359,16 +379,51 @@ class ERMTrainer(Stage):
         row.update(stepper.epoch_stats(ctx))
         row["images_per_s"] = float(ctx.all_reduce_sum(self.seen / max(seconds, 1e-9)).item())
         if s.net is not None:
-            report = loss_range_report(stepper.losses_seen(), s.net.loss_range)
-            row.update({k: v for k, v in report.items() if k != "source_range"})
-            frac = report.get("frac_outside_range")
-            if ctx.is_main and frac is not None and frac > RANGE_TOLERANCE and not self.range_warned:
-                warnings.warn(f"epoch {epoch + 1}: {100 * frac:.1f}% of the target's training losses lie outside the "
-                              f"loss range the net was meta-trained on {report['source_range']} (target p1/p99 "
-                              f"{report['loss_p1']:.3g}/{report['loss_p99']:.3g}); its weights there are "
-                              "extrapolated", stacklevel=2)
-                self.range_warned = True
+            row.update(self.guard_report(epoch, row, stepper))
         return row
+
+    def guard_report(self, epoch: int, row: dict[str, Any], stepper: ApplyStepper) -> dict[str, Any]:
+        """The frozen net's guards at the end of an epoch (cmw_transfer.guards): warm-up decision, loss range,
+        starved classes, a weight that rises with the loss. Every number is reduced over the ranks."""
+        out: dict[str, Any] = {}
+        if not self.is_weighted:
+            self.gate.observe_mean(row.get("would_be_mean_weight"))
+            self.gate.end_epoch(epoch + 1)
+            if self.gate.start_epoch is not None:
+                out["warmup_start_epoch"] = self.gate.start_epoch
+            return out
+        out.update(stepper.range_monitor.report())
+        stepper.class_monitor.reduce()
+        starved = stepper.class_monitor.starved()
+        means = [m for m in stepper.class_monitor.class_means() if m is not None]
+        if means:
+            out["min_class_mean_weight"] = min(means)
+        out["starved_classes"] = starved
+        out["weight_loss_cov"] = stepper.class_monitor.within_class_cov()
+        frac = out.get("frac_outside_range")
+        if frac is not None and frac > RANGE_TOLERANCE:
+            low, high = stepper.range_monitor.low, stepper.range_monitor.high
+            self._warn_once("range", f"epoch {epoch + 1}: {100 * frac:.1f}% of the losses the net sees lie outside "
+                                     f"the loss range it was meta-trained on [{low:.3g}, {high:.3g}]; its weights "
+                                     "there are extrapolated")
+        if out.get("loss_range_check") == "unchecked":
+            self._warn_once("unchecked", "the net records no loss range: whether the target's losses are in its "
+                                         "regime is unchecked")
+        if starved:
+            self._warn_once("starved", f"epoch {epoch + 1}: class(es) {starved[:20]} get a mean weight below "
+                                       f"{STARVED_FRACTION:.0%} of the median class's (--min-class-weight "
+                                       f"{self.s.cfg.min_class_weight:g} is the floor)")
+        if (out.get("weight_loss_cov") or 0.0) > 0:
+            self._warn_once("trend", f"epoch {epoch + 1}: inside its classes the net gives higher weights to higher "
+                                     "losses on this target: it takes them for clean samples, a regime it was not "
+                                     "trained for (a long tail with little noise?); compare with --weighting "
+                                     "class-balanced")
+        return out
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if self.ctx.is_main and key not in self.warned:
+            warnings.warn(message, stacklevel=3)
+            self.warned.add(key)
 
     def evaluate(self, epoch: int, last: bool) -> dict[str, Any]:
         s = self.s
@@ -378,6 +433,7 @@ class ERMTrainer(Stage):
         sync_buffers(self.model, self.ctx)
         for label, loader in s.eval_loaders:
             res = evaluate_sharded(self.model, loader, self.ctx, s.num_classes, s.counts, s.amp_dtype)
+            self.per_class[label] = res.pop("per_class_top1", None)  # summary.json, not every metrics row
             row.update({f"{label}_{k}": v for k, v in res.items()})
         if s.open_loader is not None:
             row.update({f"open_{k}": v for k, v in self.evaluate_open().items()})
@@ -399,7 +455,17 @@ class ERMTrainer(Stage):
                 cfg = self.s.cfg
                 plot_training(rows, self.out / TRAINING_PLOT_NAME,
                               f"{cfg.trainer} / {cfg.weighting} on {cfg.dataset} ({cfg.model})")
-        return _summary(self.s, self.final_eval, self.best, rows, seconds)
+        summary = _summary(self.s, self.final_eval, self.best, rows, seconds)
+        summary["warmup_start_epoch"] = self.gate.start_epoch
+        per_class = self.per_class.get("test")
+        if per_class:
+            summary["test_per_class_top1"] = per_class
+            scored = [(acc, c) for c, acc in enumerate(per_class) if acc is not None]
+            acc, worst = min(scored)
+            summary["worst_class"] = {"class": worst, "top1": acc}
+            if self.ctx.is_main and self.progress:
+                tqdm.write(f"worst class: {worst} at {acc:.1f}% test top-1", file=sys.stderr)
+        return summary
 
 
 # -- console and summary ------------------------------------------------------------------------------------------

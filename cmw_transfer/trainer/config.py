@@ -146,7 +146,8 @@ class ApplyConfig(StageConfig):
     sched: str = "cosine"
     decay_milestones: tuple[int, ...] = ()  # multistep: epochs where lr x0.1 (default 50% and 75% of the run)
     warmup_lr_epochs: int = 0
-    warmup_epochs: int = 0
+    warmup_epochs: int | str = "auto"  # plain-CE epochs, or auto (cmw_transfer.guards.WarmupGate)
+    min_class_weight: float = 0.5
     weighting: str = "cmw"
     focal_gamma: float = 2.0
     cb_beta: float = 0.999
@@ -225,8 +226,12 @@ class ApplyConfig(StageConfig):
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}")
         _at_least((("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
-                   ("eval-every", self.eval_every, 1), ("warmup-epochs", self.warmup_epochs, 0),
-                   ("warmup-lr-epochs", self.warmup_lr_epochs, 0), ("workers", self.workers, 0)))
+                   ("eval-every", self.eval_every, 1), ("warmup-lr-epochs", self.warmup_lr_epochs, 0),
+                   ("workers", self.workers, 0)))
+        if self.warmup_epochs != "auto" and not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
+            raise UserError(f"--warmup-epochs must be auto or a number >= 0, got {self.warmup_epochs!r}")
+        if not 0.0 <= self.min_class_weight <= 1.0:
+            raise UserError(f"--min-class-weight must be in [0, 1], got {self.min_class_weight}")
         if self.families is not None and self.families < 1:
             raise UserError(f"--families must be >= 1, got {self.families}")
         if not 0.0 <= self.teacher_decay < 1.0:

@@ -53,7 +53,9 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistributedContext, num
     if total == 0:
         return {"top1": None, "top5": None, "n": 0}
     out: dict[str, Any] = {"top1": 100.0 * hits[0].sum() / total, "top5": 100.0 * hits[1].sum() / total,
-                           "n": int(total)}
+                           "n": int(total),
+                           "per_class_top1": [round(100.0 * float(h / t), 4) if t else None
+                                              for h, t in zip(hits[0], hits[2])]}
     if train_counts is not None:
         counts = np.asarray(train_counts)
         splits = {"many": counts > MANY_SHOT, "medium": (counts >= FEW_SHOT) & (counts <= MANY_SHOT),

@@ -230,7 +230,10 @@ class OLTRTrainer(ERMTrainer):
         return f" (OLTR stage {self.stage})"
 
     def weighted(self, epoch: int) -> bool:
-        """The CE warm-up opens *each* stage: stage 2 starts a new classifier, whose first losses say nothing."""
+        """A fixed CE warm-up opens *each* stage: stage 2 starts a new classifier, whose first losses say nothing.
+        ``auto`` decides once, on the first stage's losses (the shared gate of the apply stage)."""
+        if self.s.cfg.warmup_epochs == "auto":
+            return super().weighted(epoch)
         return epoch - (self.stage1_epochs if epoch >= self.stage1_epochs else 0) >= self.s.cfg.warmup_epochs
 
     def _enter_stage2(self, *, initialise: bool) -> None:

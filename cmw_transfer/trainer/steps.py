@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cmw_transfer.baselines import ClassBalancedWeighting, FocalWeighting
+from cmw_transfer.guards import ClassWeightMonitor, LossRangeMonitor, lift_class_floor
 from cmw_transfer.trainer.common import DistributedContext
 from cmw_transfer.trainer.evaluation import autocast
 from cmw_transfer.trainer.soft_labels import (
@@ -34,6 +35,15 @@ from cmw_transfer.weighting import CMWLoss, loss_coefficients
 Criterion = CMWLoss | FocalWeighting | ClassBalancedWeighting
 
 
+def applied_weights(criterion: Criterion, losses: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The criterion's weights, with a frozen net's class floor (``CMWLoss.min_class_weight``) applied."""
+    w = criterion.weights(losses, y)
+    floor = getattr(criterion, "min_class_weight", 0.0)
+    if floor > 0:
+        w = lift_class_floor(w, y, criterion.num_classes, floor)
+    return w
+
+
 def weighted_ce(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion | None, normalization: str,
                 weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, per-sample CE, weights or None): the criterion's weighted CE, or the plain mean CE (warm-up)."""
@@ -42,7 +52,7 @@ def weighted_ce(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion | No
     else:
         losses = F.cross_entropy(logits.float(), y, reduction="none")
     if weighted and criterion is not None:
-        w = criterion.weights(losses, y)
+        w = applied_weights(criterion, losses, y)
         return (loss_coefficients(w, normalization) * losses).sum(), losses, w
     return losses.mean(), losses, None
 
@@ -52,10 +62,10 @@ def soft_label_objective(logits: torch.Tensor, y: torch.Tensor, pseudo: torch.Te
     """(loss, per-sample CE of the first label, its weights or None): CMW-Net-SL's loss of a mixed batch."""
     logits = logits.float()
     labels, losses2 = mixup_losses(logits, y, perm)
-    v = criterion.weights(losses2, labels) if criterion is not None else torch.ones_like(losses2)
+    v = applied_weights(criterion, losses2, labels) if criterion is not None else torch.ones_like(losses2)
     size = y.shape[0]
     loss = soft_label_loss(logits, y, pseudo, (v[:size], v[size:]), lam, perm)
-    return loss, losses2[:size], v[:size] if criterion is not None else None
+    return loss, losses2, v if criterion is not None else None
 
 
 class ApplyStepper:
@@ -77,11 +87,18 @@ class ApplyStepper:
         self.ctx = ctx
         self.collect_losses = collect_losses
         self.num_updates = 0
+        self.observe_unweighted = False  # warm-up epochs of an auto warm-up: record what the net *would* give
+        net = getattr(criterion, "net", None)
+        self.num_classes = getattr(criterion, "num_classes", 0)
+        self.range_monitor = LossRangeMonitor(net.loss_range if net is not None else None, self.device)
+        self.class_monitor = ClassWeightMonitor(max(self.num_classes, 1), self.device)
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self.stats = torch.zeros(7, dtype=torch.float64, device=self.device)
+        # loss*n, correct, n, sum w, sum w*clean, clean, sum w*noisy, sum would-be w
+        self.stats = torch.zeros(8, dtype=torch.float64, device=self.device)
         self.loss_samples: list[torch.Tensor] = []
+        self.class_monitor.reset()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, weighted: bool) -> torch.Tensor:
         if self.soft is not None and weighted:
@@ -95,8 +112,20 @@ class ApplyStepper:
         self._backward_and_step(loss)
         if self.soft is not None:  # warm-up epochs of SL mode: the teacher follows from the start
             self.soft.teacher.update(unwrap(self.model))
+        if w is not None:
+            self._guard(losses, w, y)
+        elif self.observe_unweighted and isinstance(self.criterion, CMWLoss):
+            self.stats[7] += self.criterion.weights(losses.detach(), y).double().sum()
         self._record(loss, losses, logits, y, idx, w)
         return loss.detach()
+
+    @torch.no_grad()
+    def _guard(self, losses: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+        """On-device statistics of what a frozen net did this step: range, per-class weight, weight-loss trend."""
+        if not isinstance(self.criterion, CMWLoss):
+            return
+        self.range_monitor.observe(losses)
+        self.class_monitor.observe(w, y, losses)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits, and an auxiliary loss added unweighted (None here; subclasses add one)."""
@@ -110,10 +139,13 @@ class ApplyStepper:
         self.model.train()
         with autocast(self.device, self.amp_dtype):
             logits = self.model(mix_inputs(x, lam, perm))
-        loss, losses, w = soft_label_objective(logits, y, pseudo, self.criterion, lam, perm)
+        loss, losses2, w2 = soft_label_objective(logits, y, pseudo, self.criterion, lam, perm)
         self._backward_and_step(loss)
         soft.teacher.update(unwrap(self.model))
-        self._record(loss, losses, logits.float(), y, idx, w)
+        size = y.shape[0]
+        if w2 is not None:  # the net saw both mixup terms: the guards look at what it saw
+            self._guard(losses2, w2, torch.cat([y, y[perm]]))
+        self._record(loss, losses2[:size], logits.float(), y, idx, None if w2 is None else w2[:size])
         return loss.detach()
 
     def null_step(self, shape: tuple[int, ...]) -> None:
@@ -160,6 +192,8 @@ class ApplyStepper:
         s = ctx.all_reduce_sum(self.stats.cpu()).numpy()
         n = max(s[2], 1.0)
         out: dict[str, Any] = {"train_loss": s[0] / n, "train_acc": 100.0 * s[1] / n}
+        if s[7] > 0:
+            out["would_be_mean_weight"] = s[7] / n
         if s[3] > 0:
             out["mean_weight"] = s[3] / n
             if self.is_clean is not None:
