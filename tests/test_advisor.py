@@ -190,7 +190,7 @@ def test_a_backbone_without_the_split_is_a_one_line_error():
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--advisor", "mfrw,foo"], "--advisor must list"),
-    (["--advisor-rho", "1.5"], "--advisor-rho must be in"),
+    (["--advisor-rho", "1.5"], "--advisor-rho': 1.5 is not in the range"),
 ])
 def test_bad_advisor_options_exit_2(tmp_path, capsys, args, needle):
     code, _, err = call_main(["metatrain", "--src", "digits-pmd", "--out", str(tmp_path / "o"), "--quiet",

@@ -41,7 +41,7 @@ def test_two_gloo_processes_agree_and_only_rank0_writes(tmp_path, weights_dir):
     out = tmp_path / "ddp"
     proc = _apply("--nproc", "2", "--weights", str(weights_dir), "--dataset", "digits", "--imbalance", "10",
                   "--noise", "asym:0.4", "--model", MODEL, "--epochs", "1", "--batch-size", "32", "--workers", "0",
-                  "--soft-labels", "--device", "cpu", "--out", str(out), "--json")
+                  "--soft-labels", "--warmup-epochs", "0", "--device", "cpu", "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by rank 0
     assert proc.stdout.count('"world_size": 2') == 1 and summary["world_size"] == 2

@@ -38,4 +38,4 @@ def test_cli_runs_eql_and_refuses_bad_values(tmp_path, capsys):
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["weighting"] == "eql"
     code, _, err = call_main([*args, "--weighting", "eql", "--eql-rho", "2", "--out", str(tmp_path / "b")], capsys)
-    assert code == 2 and err.startswith("error: --eql-rho"), err
+    assert code == 2 and err.startswith("error: Invalid value for '--eql-rho'"), err

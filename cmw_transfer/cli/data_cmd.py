@@ -7,6 +7,7 @@ is known, reports the realised noise rate of the injected bias.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,12 +27,15 @@ MAX_LISTED_CLASSES = 20
 def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
     """The JSON-able summary ``data`` prints: counts, families, noise."""
     from cmw_transfer.artifact.curves import family_names
-    from cmw_transfer.artifact.scales import fit_families
+    from cmw_transfer.artifact.scales import DegenerateScalesWarning, fit_families
     from cmw_transfer.dataset.classes import empty_classes, nonempty_classes
 
     counts = ds.class_counts()
     present = nonempty_classes(counts)  # empty classes have no size: they join no family
-    centers, present_family = fit_families(counts[present], k)
+    with warnings.catch_warnings(record=True) as caught:  # an inspection command reports the rule in its output
+        warnings.simplefilter("always", DegenerateScalesWarning)
+        centers, present_family = fit_families(counts[present], k)
+    notes = [str(w.message) for w in caught if issubclass(w.category, DegenerateScalesWarning)]
     family = np.full(counts.size, -1, dtype=np.int64)
     family[present] = present_family
     empty = empty_classes(counts)
@@ -68,6 +72,7 @@ def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
         "num_empty_classes": int(empty.size),
         "noise_rate": None if noise is None else round(noise, 6),
         "class_noise_rate": per_class_noise,
+        "families_note": notes[0] if notes else None,
     }
 
 
@@ -119,7 +124,7 @@ def _print_text(info: dict) -> None:
                    "and training leaves them out")
     noise = info["noise_rate"]
     click.echo("noise rate:  " + ("unknown (no ground truth)" if noise is None else f"{100 * noise:.2f}%"))
-    click.echo("families:")
+    click.echo("families:" + (f" ({info['families_note']})" if info.get("families_note") else ""))
     for f in info["families"]:
         span = "" if f["min_count"] is None else f"  counts {f['min_count']}..{f['max_count']}"
         click.echo(f"  head {f['head']}  {f['name']:<8} center {f['center']:>10.1f}  "
