@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "data": ("cmw_transfer.cli.data_cmd", "data_cmd", "Describe a dataset spec: counts, families, noise."),
     "metatrain": ("cmw_transfer.cli.metatrain_cmd", "metatrain_cmd", "Meta-train a weighting net on a biased source."),
     "apply": ("cmw_transfer.cli.apply_cmd", "apply_cmd", "Train a classifier with a frozen weighting net."),
+    "probe": ("cmw_transfer.cli.probe_cmd", "probe_cmd", "Record every sample's loss curve (CurveNet's probe)."),
 }
 
 

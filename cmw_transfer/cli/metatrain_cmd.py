@@ -7,6 +7,7 @@ from dataclasses import fields
 
 import click
 
+from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import METHODS, MetaTrainConfig, recipe_for
 
 # option name -> (type, help); defaults come from the source's recipe, then from MetaTrainConfig
@@ -14,7 +15,8 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "data_dir": (str, "Root folder of the source dataset's files."),
     "noise": (str, "Extra noise steps, e.g. sym:0.4+asym:0.2 or pmd1:0.35+asym:0.3."),
     "imbalance": (float, "Long-tail imbalance factor IF (n_max / n_min)."),
-    "method": (click.Choice(METHODS), "cmwnet (K families), mwnet (K=1) or cmwnet-sl (soft labels)."),
+    "method": (click.Choice((*METHODS, "curvenet")), "cmwnet (K families), mwnet (K=1), cmwnet-sl (soft labels) "
+               "or curvenet (loss curves of a probe: --curves DIR)."),
     "families": (int, "Number of class-size families K (heads)."),
     "model": (str, "Classifier: a timm model name or a built-in (small_cnn, cifar_resnet32, cifar_resnet20)."),
     "epochs": (int, "Training epochs."),
@@ -41,10 +43,22 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "workers": (int, "DataLoader worker processes."),
     "eval_dataset": (str, "Test set of the classifier (required for list:/folder: sources, which have none)."),
 }
+# --method curvenet only (docs/curvenet.md)
+CURVENET_OPTIONS: dict[str, tuple[type, str]] = {
+    "curves": (str, "curvenet: the probe directory (cmw-transfer probe ... --meta-set clean:N --out DIR)."),
+    "curvenet_mode": (click.Choice(["faithful", "transferable"]), "curvenet: faithful (label embedding, the "
+                      "probe's length; not transferable) or transferable (resampled curve, class-size families)."),
+    "curve_skip": (int, "curvenet: drop the first S probe epochs (paper: 5)."),
+    "curve_length": (int, "curvenet, transferable: resample the curve to this many points."),
+    "embed_dim": (int, "curvenet: width P of the curve feature and the class embedding (paper: 64)."),
+    "curvenet_factor": (float, "curvenet: w = factor * sigmoid + bias (paper CIFAR-10: 1)."),
+    "curvenet_bias": (float, "curvenet: w = factor * sigmoid + bias (paper CIFAR-10: 0.02)."),
+    "meta_stop_epoch": (int, "curvenet: last meta update before this epoch (default: the first lr decay)."),
+}
 
 
 def _apply_options(command):
-    for name, (kind, help_text) in reversed(OPTIONS.items()):
+    for name, (kind, help_text) in reversed({**OPTIONS, **CURVENET_OPTIONS}.items()):
         command = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, help=help_text)(command)
     return command
 
@@ -68,14 +82,27 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     """
     from cmw_transfer.trainer.metatrain import MetaTrainer
 
-    values = {f.name: f.default for f in fields(MetaTrainConfig)}
+    config_cls, trainer_cls = MetaTrainConfig, MetaTrainer
+    if options.get("method") == "curvenet":
+        from cmw_transfer.trainer.curvenet import CURVENET_RECIPE, CurveNetConfig, CurveNetTrainer
+
+        config_cls, trainer_cls = CurveNetConfig, CurveNetTrainer
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in CURVENET_OPTIONS if options.get(k) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --method curvenet")
+        for key in CURVENET_OPTIONS:
+            options.pop(key)
+    values = {f.name: f.default for f in fields(config_cls)}
     values.update(recipe_for(src))
+    if config_cls is not MetaTrainConfig:
+        values.update(CURVENET_RECIPE, method="curvenet")
     if config_file:
-        values.update(MetaTrainConfig.from_file(config_file).to_dict())
+        values.update(config_cls.from_file(config_file).to_dict())
     values.update({k: v for k, v in options.items() if v is not None})
     values.update(src=src, out=out)
     if mirror_optimizer:
         values["mirror_optimizer"] = True
-    cfg = MetaTrainConfig.from_dict(values)
-    result = MetaTrainer(cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
+    cfg = config_cls.from_dict(values)
+    result = trainer_cls(cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
     click.echo(json.dumps(result, sort_keys=True))

@@ -20,6 +20,8 @@ _BUILTIN = {
     "erm": "cmw_transfer.trainer.apply",
     "oltr": "cmw_transfer.trainer.oltr",
     "metatrain": "cmw_transfer.trainer.metatrain",
+    "probe": "cmw_transfer.trainer.probe",
+    "curvenet": "cmw_transfer.trainer.curvenet",
 }
 
 
