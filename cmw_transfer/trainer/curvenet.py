@@ -19,6 +19,7 @@ import torch
 
 from cmw_transfer import __version__
 from cmw_transfer.artifact.curvenet import MODES, CurveNet
+from cmw_transfer.atomic import atomic_path
 from cmw_transfer.dataset import resolve_source
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.common import create_optimizer_and_scheduler
@@ -32,6 +33,7 @@ from cmw_transfer.trainer.registry import register_trainer
 # start, CurveNet by Adam at 1e-3; used for options left unset
 CURVENET_RECIPE: dict[str, Any] = dict(sched="multistep", warmup_epochs=0, meta_lr=1e-3, meta_weight_decay=1e-4)
 DECAY_FRACTIONS = (0.4, 0.5)
+WEIGHTS_BANK_NAME = "weights.npy"  # every training sample's final weight, by sample id
 
 
 @dataclass
@@ -178,6 +180,12 @@ class CurveNetTrainer(MetaTrainer):
             "toolkit_version": __version__,
         }
         net.save_pretrained(self.out)
-        np.save(self.out / "weights.npy", self.bank)
+        missing = np.flatnonzero(np.isnan(self.bank))  # never in a batch before the stop: the frozen net's weight
+        if missing.size:
+            keys = self.key_of_class.cpu()[torch.as_tensor(self.data.train.targets[missing])]
+            with torch.no_grad():
+                self.bank[missing] = net(torch.as_tensor(self.features(missing)), keys).numpy()
+        with atomic_path(self.out / WEIGHTS_BANK_NAME) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, self.bank)
         self.wnet.to(self.device)
         return net
