@@ -296,7 +296,7 @@ def test_fingerprints_keep_erm_runs_resumable_and_separate_oltr_settings(tmp_pat
     erm = ApplyConfig(dataset="digits", out=str(tmp_path))
     old_fields = {k: v for k, v in erm.to_dict().items()
                   if k not in (*OLTR_FIELDS, *EQL_FIELDS, "trainer", "open_dataset", "open_classes", "open_threshold",
-                               "open_accept")}
+                               "open_accept", "curves")}
     assert erm.fingerprint() == config_fingerprint(old_fields, ignore=RESUME_FREE)  # as before OLTR existed
     assert ApplyConfig(dataset="digits", out=str(tmp_path), dcl_weight=0.5).fingerprint() == erm.fingerprint()
     assert ApplyConfig(dataset="digits", out=str(tmp_path), open_classes=(9,)).fingerprint() != erm.fingerprint()

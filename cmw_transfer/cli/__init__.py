@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "metatrain": ("cmw_transfer.cli.metatrain_cmd", "metatrain_cmd", "Meta-train a weighting net on a biased source."),
     "apply": ("cmw_transfer.cli.apply_cmd", "apply_cmd", "Train a classifier with a frozen weighting net."),
     "import": ("cmw_transfer.cli.import_cmd", "import_cmd", "Convert the authors' released net to an artifact."),
+    "probe": ("cmw_transfer.cli.probe_cmd", "probe_cmd", "Record every sample's loss curve (CurveNet's probe)."),
 }
 
 

@@ -102,6 +102,9 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--weights", "weights", metavar="SPEC", default=None,
               help="Frozen weighting net: DIR, FILE.safetensors, hub:org/name[@rev] or pretrained:NAME "
                    "(required with --weighting cmw).")
+@click.option("--curves", default=None, metavar="DIR",
+              help="With a CurveNet --weights: the loss curves of this data, from cmw-transfer probe (same "
+                   "--dataset/--noise/--imbalance/--seed, the net's probe schedule).")
 @click.option("--dataset", required=True, metavar="SPEC", help="Target dataset: digits, cifar10, webvision-full, "
                                                                  "list:PATH, folder:PATH, ... (see cmw-transfer data).")
 @click.option("--data-dir", "--data-root", "data_root", default=None, metavar="DIR", help="Dataset root folder.")

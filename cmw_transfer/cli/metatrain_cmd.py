@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from cmw_transfer.cli import options as opt
+from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import METHOD_DEFAULTS, METHODS, MetaTrainConfig, recipe_for
 
 # option name -> (type, help); defaults come from the source's recipe, then from MetaTrainConfig
@@ -16,8 +17,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "data_dir": (str, "Root folder of the source dataset's files."),
     "noise": (str, "Extra noise steps, e.g. sym:0.4+asym:0.2 or pmd1:0.35+asym:0.3."),
     "imbalance": (opt.IMBALANCE, "Long-tail imbalance factor IF (n_max / n_min)."),
-    "method": (click.Choice(METHODS), "cmwnet (K families), mwnet (K=1), cmwnet-sl (soft labels) or advisor "
-               "(MFRW/MES advisor network: outputs the trained classifier, not a transferable net)."),
+    "method": (click.Choice((*METHODS, "curvenet")), "cmwnet (K families), mwnet (K=1), cmwnet-sl (soft labels), "
+               "curvenet (loss curves of a probe: --curves DIR) or advisor (MFRW/MES advisor network: outputs the "
+               "trained classifier, not a transferable net)."),
     "advisor": (str, "--method advisor: mfrw, mes or mfrw,mes (default both)."),
     "advisor_rho": (opt.FRACTION, "--method advisor: Bernoulli rho of MES's beta (default 0.9)."),
     "families": (opt.FAMILIES, "Number of class-size families K (heads)."),
@@ -46,10 +48,22 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "workers": (opt.WORKERS, "DataLoader worker processes."),
     "eval_dataset": (str, "Test set of the classifier (required for list:/folder: sources, which have none)."),
 }
+# --method curvenet only (docs/curvenet.md)
+CURVENET_OPTIONS: dict[str, tuple[Any, str]] = {
+    "curves": (str, "curvenet: the probe directory (cmw-transfer probe ... --meta-set clean:N --out DIR)."),
+    "curvenet_mode": (click.Choice(["faithful", "transferable"]), "curvenet: faithful (label embedding, the "
+                      "probe's length; not transferable) or transferable (resampled curve, class-size families)."),
+    "curve_skip": (opt.WARMUP, "curvenet: drop the first S probe epochs (paper: 5)."),
+    "curve_length": (opt.EPOCHS, "curvenet, transferable: resample the curve to this many points."),
+    "embed_dim": (opt.HIDDEN, "curvenet: width P of the curve feature and the class embedding (paper: 64)."),
+    "curvenet_factor": (opt.POSITIVE, "curvenet: w = factor * sigmoid + bias (paper CIFAR-10: 1)."),
+    "curvenet_bias": (opt.NON_NEGATIVE, "curvenet: w = factor * sigmoid + bias (paper CIFAR-10: 0.02)."),
+    "meta_stop_epoch": (opt.EPOCHS, "curvenet: last meta update before this epoch (default: the first lr decay)."),
+}
 
 
 def _apply_options(command):
-    for name, (kind, help_text) in reversed(OPTIONS.items()):
+    for name, (kind, help_text) in reversed({**OPTIONS, **CURVENET_OPTIONS}.items()):
         command = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, help=help_text)(command)
     return command
 
@@ -77,9 +91,22 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     """
     from cmw_transfer.trainer.registry import create_trainer
 
-    values = {f.name: f.default for f in fields(MetaTrainConfig)}
+    config_cls, stage = MetaTrainConfig, None
+    if options.get("method") == "curvenet":
+        from cmw_transfer.trainer.curvenet import CURVENET_RECIPE, CurveNetConfig
+
+        config_cls, stage = CurveNetConfig, "curvenet"
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in CURVENET_OPTIONS if options.get(k) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --method curvenet")
+        for key in CURVENET_OPTIONS:
+            options.pop(key)
+    values = {f.name: f.default for f in fields(config_cls)}
     values.update(recipe_for(src))
-    from_file = MetaTrainConfig.from_file(config_file).to_dict() if config_file else {}
+    if config_cls is not MetaTrainConfig:
+        values.update(CURVENET_RECIPE, method="curvenet")
+    from_file = config_cls.from_file(config_file).to_dict() if config_file else {}
     given = {k: v for k, v in options.items() if v is not None}
     method = given.get("method", from_file.get("method", values["method"]))
     values.update(METHOD_DEFAULTS.get(method, {}))
@@ -88,7 +115,7 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     values.update(src=src, out=out)
     if mirror_optimizer:
         values["mirror_optimizer"] = True
-    cfg = MetaTrainConfig.from_dict(values)
-    stage = "advisor" if cfg.method == "advisor" else "metatrain"
+    cfg = config_cls.from_dict(values)
+    stage = stage or ("advisor" if cfg.method == "advisor" else "metatrain")
     result = create_trainer(stage, cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
     click.echo(json.dumps(result, sort_keys=True))

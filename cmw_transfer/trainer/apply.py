@@ -119,8 +119,10 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
     from cmw_transfer.models import input_geometry
 
     check_model_name(cfg.model)
+    curvenet = _curvenet(cfg)
     # --weighting none ignores --weights, so the baseline is the same command with one option changed
-    net = CMWNet.from_pretrained(cfg.weights) if cfg.weights and cfg.weighting == "cmw" else None
+    net = CMWNet.from_pretrained(cfg.weights) if cfg.weights and cfg.weighting == "cmw" and curvenet is None \
+        else None
     if net is not None and cfg.families is not None and cfg.families != net.num_heads:
         target_families(net, np.zeros(0), cfg.families)  # raises the K mismatch before data is loaded
 
@@ -149,6 +151,11 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
         families["ranks_agree"] = True
         criterion = CMWLoss(net, families["family_of_class"], cfg.normalization,
                             min_class_weight=cfg.min_class_weight).to(device)
+    elif curvenet is not None:
+        from cmw_transfer.trainer.loss_curves import curve_criterion, probe_hint_for
+
+        criterion = curve_criterion(curvenet, cfg.curves, train_ds, cfg.normalization,
+                                    probe_hint_for(cfg, curvenet)).to(device)
     elif cfg.weighting == "focal":
         criterion = FocalWeighting(cfg.focal_gamma, cfg.normalization).to(device)
     elif cfg.weighting == "class-balanced":
@@ -166,8 +173,11 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
     is_clean = None
     if train_ds.clean_targets is not None:
         is_clean = torch.as_tensor(train_ds.targets == train_ds.clean_targets, device=device)
+    identity = artifact_identity(str(cfg.weights), net) if net is not None else {}
+    if curvenet is not None:
+        identity = {"weights digest": state_digest(curvenet, curvenet.config())}
     return RunSetup(cfg=cfg, ctx=ctx, out=Path(cfg.out), net=net,
-                    net_identity=artifact_identity(str(cfg.weights), net) if net is not None else {},
+                    net_identity=identity,
                     families=families, criterion=criterion,
                     train_ds=train_ds, eval_sets=eval_sets, open_ds=open_ds, counts=counts, num_classes=num_classes,
                     in_chans=input_geometry(getattr(train_ds, "input_shape", (3, 0, 0)), cfg.img_size)[0],
@@ -175,6 +185,18 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
                     eval_loaders=[(label, loader(ds, False)) for label, ds in eval_sets],
                     open_loader=loader(open_ds, False) if open_ds is not None else None, amp_dtype=amp_dtype,
                     scaler=scaler, is_clean=is_clean)
+
+
+def _curvenet(cfg: ApplyConfig) -> Any:
+    """The CurveNet of ``--weights`` (None for a CMW-Net); ``--curves`` without one is a user error."""
+    from cmw_transfer.artifact.curvenet import CurveNet, artifact_method
+
+    if cfg.weights and cfg.weighting == "cmw" and artifact_method(cfg.weights) == "curvenet":
+        return CurveNet.from_pretrained(cfg.weights)
+    if cfg.curves:
+        raise UserError("--curves is read by a CurveNet only: give --weights a CurveNet artifact (metatrain "
+                        "--method curvenet --curvenet-mode transferable), or drop --curves")
+    return None
 
 
 def run_apply(cfg: ApplyConfig) -> dict[str, Any]:

@@ -188,9 +188,13 @@ class ApplyConfig(StageConfig):
     open_classes: tuple[int, ...] = ()
     open_threshold: float | None = None  # None: the reachability accepting --open-accept of the known test set
     open_accept: float = 0.95
+    # a CurveNet --weights reads each sample's loss curve from this probe directory (docs/curvenet.md)
+    curves: str | None = None
 
     def fingerprint(self) -> str:
         config = self.to_dict()
+        if config["curves"] is None:  # the fingerprint of runs from before the option existed
+            config.pop("curves")
         if self.trainer == "erm":  # an ERM run's fingerprint is the one it had before OLTR existed
             for key in (*OLTR_FIELDS, "trainer"):
                 config.pop(key)

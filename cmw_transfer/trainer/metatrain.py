@@ -97,9 +97,7 @@ class MetaTrainer(Stage):
                                              distributed=False)
         self.test_loader = None if self.data.test is None else make_loader(
             self.data.test, 512, train=False, workers=cfg.workers, seed=cfg.seed, distributed=False)
-        self.optimizer, self.scheduler = create_optimizer_and_scheduler(
-            self.model, opt="sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-            sched=cfg.sched, epochs=cfg.epochs, steps_per_epoch=len(self.loader))
+        self.optimizer, self.scheduler = self.make_optimizer()
         self.wnet_optimizer = torch.optim.Adam(self.wnet.parameters(), lr=cfg.meta_lr,
                                                weight_decay=cfg.meta_weight_decay)
         mode, skip = parse_meta_grad(cfg.meta_grad)
@@ -127,10 +125,24 @@ class MetaTrainer(Stage):
             self.start_epoch = self.engine.restore()
 
     def build_meta_model(self) -> tuple[Any, Any]:
-        """The meta-model (in the ``wnet`` slot) and its objective; a stage extending this one overrides it."""
+        """The meta-model (in the ``wnet`` slot) and its objective; a stage extending this one overrides it (the
+        advisor), or only :meth:`build_weighting_net` (CurveNet's allocate stage)."""
         cfg = self.cfg
-        return (CMWNet(hidden_size=cfg.hidden_size, num_heads=cfg.families).to(self.device),
-                create_objective(cfg.method, cfg.normalization))
+        return self.build_weighting_net().to(self.device), create_objective(cfg.method, cfg.normalization)
+
+    def build_weighting_net(self) -> torch.nn.Module:
+        """The meta-learned net (called once the training data is loaded)."""
+        return CMWNet(hidden_size=self.cfg.hidden_size, num_heads=self.cfg.families)
+
+    def make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        cfg = self.cfg
+        return create_optimizer_and_scheduler(
+            self.model, opt="sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            sched=cfg.sched, epochs=cfg.epochs, steps_per_epoch=len(self.loader))
+
+    def meta_step_due(self, it: int) -> bool:
+        """Whether iteration ``it`` of a weighted epoch runs a meta step."""
+        return it % self.cfg.meta_interval == 0
 
     def _classifier_prefix(self) -> str:
         head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
@@ -246,7 +258,7 @@ class MetaTrainer(Stage):
         return self.wnet(loss, family)
 
     def train_step(self, it: int, batch: Any) -> int:
-        cfg, weighted, sums, params = self.cfg, self.is_weighted, self.sums, self.params
+        weighted, sums, params = self.is_weighted, self.sums, self.params
         x, y, idx = batch
         x, y = x.to(self.device), y.to(self.device)
         batch = self._train_batch(x, y, idx, self.gen, mix=weighted)
@@ -257,7 +269,7 @@ class MetaTrainer(Stage):
                             f"diverged; the last checkpoint ({self.out / CHECKPOINT_NAME}) is intact; lower "
                             "--lr/--meta-lr")
         reused = None
-        if weighted and it % cfg.meta_interval == 0:
+        if weighted and self.meta_step_due(it):
             meta_loss, reused = self._meta_step(batch, logits, terms, params, self.buffers, self.gen)
             sums["meta_loss"] += meta_loss
             sums["meta_steps"] += 1

@@ -16,7 +16,8 @@ import torch.nn.functional as F  # noqa: N812
 from cmw_transfer.trainer.soft_labels import soft_label_coefficients, soft_label_terms
 from cmw_transfer.weighting import loss_coefficients
 
-WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (detached loss [B], family [B]) -> weight [B]
+# (detached loss [B] or per-sample features [B, D], family / class key [B]) -> weight [B]
+WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -29,6 +30,8 @@ class TrainBatch:
     pseudo: torch.Tensor | None = None  # [B, C] soft pseudo-labels (CMW-Net-SL)
     lam: float = 1.0  # mixup coefficient; x is already mixed with x[perm]
     perm: torch.Tensor | None = None
+    # fixed per-sample inputs of the weighting net instead of the loss (CurveNet: the normalised loss curve)
+    features: torch.Tensor | None = None
 
     @property
     def family(self) -> torch.Tensor:
@@ -45,11 +48,12 @@ class WeightedCE:
         return F.cross_entropy(logits, batch.y, reduction="none")[:, None]
 
     def coefficients(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
-        weights = weight_fn(terms[:, 0].detach(), batch.family)
-        return loss_coefficients(weights, self.normalization)[:, None]
+        return loss_coefficients(self.weights(weight_fn, terms, batch), self.normalization)[:, None]
 
     def weights(self, weight_fn: WeightFn, terms: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
-        return weight_fn(terms[:, 0].detach(), batch.family)
+        """The net reads the detached loss, or the batch's per-sample ``features`` when it carries them."""
+        inputs = terms[:, 0].detach() if batch.features is None else batch.features
+        return weight_fn(inputs, batch.family)
 
 
 class SoftLabelCE:
@@ -79,7 +83,7 @@ class SoftLabelCE:
 
 
 def create_objective(method: str, normalization: str = "batch") -> WeightedCE | SoftLabelCE:
-    if method in ("cmwnet", "mwnet"):
+    if method in ("cmwnet", "mwnet", "curvenet"):
         return WeightedCE(normalization)
     if method == "cmwnet-sl":
         return SoftLabelCE()

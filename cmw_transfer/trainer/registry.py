@@ -21,6 +21,8 @@ _BUILTIN = {
     "oltr": "cmw_transfer.trainer.oltr",
     "metatrain": "cmw_transfer.trainer.metatrain",
     "advisor": "cmw_transfer.trainer.advisor_train",
+    "probe": "cmw_transfer.trainer.probe",
+    "curvenet": "cmw_transfer.trainer.curvenet",
 }
 
 

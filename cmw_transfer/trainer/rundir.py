@@ -27,15 +27,19 @@ RUN_FILES = {  # what each kind writes (the last two are the exported net's)
               "classifier.safetensors", "classifier_best.safetensors", "training.png"),
     "metatrain": ("run.json", "checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "README.md",
                   "curves.png", "classifier.safetensors", "classifier.json"),
+    "probe": ("probe.json", "losses.npy", "labels.npy", "checkpoint.pt", "metrics.jsonl", "summary.json"),
 }
-KIND_NAMES = {"apply": "an apply run", "metatrain": "a meta-train run", "net": "a saved weighting net"}
+KIND_NAMES = {"apply": "an apply run", "metatrain": "a meta-train run", "net": "a saved weighting net",
+              "probe": "a loss-curve probe"}
 
 
 def detect_kind(path: Path) -> str | None:
-    """``"metatrain"``, ``"net"``, ``"apply"`` or None (no run: missing, empty or unrelated files)."""
+    """``"metatrain"``, ``"net"``, ``"probe"``, ``"apply"`` or None (no run: missing, empty or unrelated files)."""
     if not path.is_dir():
         return None
     names = {p.name for p in path.iterdir()}
+    if "probe.json" in names:
+        return "probe"
     if "run.json" in names:
         return "metatrain"
     if "model.safetensors" in names:
@@ -69,7 +73,8 @@ class RunDirectory:
         if self.resume or self.overwrite:
             return
         if found == self.kind and ((path / "checkpoint.pt").exists() or self.kind == "metatrain"):
-            raise UserError(f"{path} already holds a run ({'checkpoint.pt' if self.kind == 'apply' else 'run.json'}); "
+            held = {"metatrain": "run.json"}.get(self.kind, "checkpoint.pt")
+            raise UserError(f"{path} already holds a run ({held}); "
                             "use --resume to continue it, --overwrite to start over, or another --out")
         clash = sorted(n for n in RUN_FILES[self.kind] if (path / n).exists())
         if clash:
@@ -98,7 +103,7 @@ class RunDirectory:
             self._fd = None
 
     def clean_stale_temporaries(self) -> list[Path]:
-        names = {*RUN_FILES["apply"], *RUN_FILES["metatrain"]}
+        names = {name for files in RUN_FILES.values() for name in files}
         removed = []
         for tmp in self.path.glob(".*.tmp"):
             if any(tmp.name.startswith(f".{name}.") for name in names):

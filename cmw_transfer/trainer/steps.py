@@ -45,14 +45,20 @@ def applied_weights(criterion: Criterion, losses: torch.Tensor, y: torch.Tensor)
 
 
 def weighted_ce(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion | None, normalization: str,
-                weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, per-sample CE, weights or None): the criterion's weighted CE, or the plain mean CE (warm-up)."""
+                weighted: bool, idx: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, per-sample CE, weights or None): the criterion's weighted CE, or the plain mean CE (warm-up).
+
+    A criterion with ``needs_index`` (a frozen CurveNet: weights of fixed per-sample attributes) also gets the
+    batch's sample ids.
+    """
     if weighted and hasattr(criterion, "per_sample_loss"):  # a loss that changes the softmax itself (EQL)
         losses = criterion.per_sample_loss(logits.float(), y)
     else:
         losses = F.cross_entropy(logits.float(), y, reduction="none")
     if weighted and criterion is not None:
-        w = applied_weights(criterion, losses, y)
+        w = criterion.weights(losses, y, idx) if getattr(criterion, "needs_index", False) else \
+            applied_weights(criterion, losses, y)
         return (loss_coefficients(w, normalization) * losses).sum(), losses, w
     return losses.mean(), losses, None
 
@@ -106,7 +112,7 @@ class ApplyStepper:
         self.model.train()
         with autocast(self.device, self.amp_dtype):
             logits, extra = self._forward(x, y)
-        loss, losses, w = weighted_ce(logits, y, self.criterion, self.normalization, weighted)
+        loss, losses, w = weighted_ce(logits, y, self.criterion, self.normalization, weighted, idx)
         if extra is not None:  # an unweighted auxiliary loss (OLTR's centroid loss)
             loss = loss + extra
         self._backward_and_step(loss)
