@@ -71,3 +71,16 @@ def test_long_tail_counts_do_not_depend_on_the_last_bit_of_a_power():
     # 500 * 10 ** (-9/9) is 50 exactly in real numbers; the floor must not give 49 on any machine
     assert long_tail_counts([500] * 10, 10).tolist()[-1] == 50
     assert long_tail_counts([500] * 10, 10).tolist()[0] == 500
+
+
+def test_metatrain_records_the_digest_of_the_labels_it_trained_on(tmp_path):
+    """run.json and the artifact's provenance carry the digest, so two machines' runs can be compared."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "cmw_transfer", "metatrain", "--src", "digits-pmd", "--epochs", "1",
+                          "--warmup-epochs", "1", "--workers", "0", "--out", str(tmp_path / "net"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "net" / "run.json").read_text())["labels_digest"] == DIGITS_PMD_META_SOURCE
+    config = json.loads((tmp_path / "net" / "config.json").read_text())
+    assert config["provenance"]["source_labels_digest"] == DIGITS_PMD_META_SOURCE

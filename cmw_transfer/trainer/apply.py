@@ -356,7 +356,8 @@ class ERMTrainer(Stage):
         s, cfg = self.s, self.s.cfg
         if not resumed:
             write_json(s.out / CONFIG_NAME, {**cfg.to_dict(), "fingerprint": cfg.fingerprint(),
-                                             "world_size": s.ctx.world_size})
+                                             "world_size": s.ctx.world_size,
+                                             "labels_digest": s.train_ds.labels_digest()})
         if s.families is not None:
             write_json(s.out / FAMILIES_NAME, s.families)
         _describe_start(s, start_epoch)

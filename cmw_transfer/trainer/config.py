@@ -89,7 +89,7 @@ class StageConfig:
 
     @classmethod
     def bookkeeping_keys(cls) -> tuple[str, ...]:
-        return ("fingerprint", "world_size", "stage")
+        return ("fingerprint", "world_size", "stage", "labels_digest")
 
     def check_finite(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]

@@ -232,7 +232,8 @@ class MetaTrainer(Stage):
         write_json(self.out / RUN_NAME, {**self.cfg.to_dict(), "fingerprint": self.fingerprint(),
                                          "class_counts": self.class_counts.tolist(),
                                          "centers": self.centers.tolist(),
-                                         "family_of_class": self.family_of_class.tolist()})
+                                         "family_of_class": self.family_of_class.tolist(),
+                                         "labels_digest": self.data.train.labels_digest()})
 
     def begin_epoch(self, epoch: int) -> str:
         cfg = self.cfg
@@ -396,6 +397,7 @@ class MetaTrainer(Stage):
             "source": cfg.src, "bias": str(resolve_source(cfg.src, cfg.noise, cfg.imbalance)[1]) or "none",
             "method": cfg.method, "backbone": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
             "meta_set": cfg.meta_set, "meta_grad": cfg.meta_grad, "toolkit_version": __version__,
+            "source_labels_digest": self.data.train.labels_digest(),
         }
         net = self.wnet.cpu().with_scales(self.centers.tolist(), self.loss_range())
         net.provenance = provenance
