@@ -32,6 +32,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # The only substitution: at most this many epochs for every training command (added where a command has none).
 SMOKE = {"--epochs": 2, "--oltr-stage1-epochs": 1, "--oltr-stage2-epochs": 1}
 ADDED = ("--epochs",)
+PROBE_EPOCHS = 8  # a probe must outlast CurveNet's skipped first epochs (5 by default) by at least 2
 TRAINING = ("metatrain", "apply", "probe", "import")
 CI_COMMANDS = ("bash scripts/demo.sh", "bash scripts/bootstrap.sh && .venv/bin/python -m pytest")
 FENCE = re.compile(r"^(?P<marker><!-- doc-test: skip: (?P<why>[^>]*)-->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```",
@@ -69,6 +70,8 @@ def smoke(command: str) -> str:
     if args is None or not args or args[0] not in TRAINING:
         return command
     for option, cap in SMOKE.items():
+        if option == "--epochs" and args[0] == "probe":
+            cap = PROBE_EPOCHS
         pattern = re.compile(rf"(?<![\w-]){option}[ =](\d+)")
         if pattern.search(command):
             command = pattern.sub(lambda m, option=option, cap=cap: f"{option} {min(int(m[1]), cap)}", command)
