@@ -43,8 +43,7 @@ from torch import nn
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
 from cmw_transfer.guards import ClassWeightMonitor, LossRangeMonitor, WarmupGate, lift_class_floor, reference_weight
-
-NORMALIZATIONS = ("batch", "sum", "none")
+from cmw_transfer.trainer.config import NORMALIZATIONS
 
 
 def loss_coefficients(weights: torch.Tensor, mode: str) -> torch.Tensor:

@@ -17,15 +17,12 @@ import torch
 
 from cmw_transfer.atomic import atomic_path
 from cmw_transfer.errors import UserError
+from cmw_transfer.trainer.config import config_fingerprint
+
+__all__ = ["config_fingerprint"]  # re-exported: the fingerprint lives with the configurations
 
 CHECKPOINT_NAME = "checkpoint.pt"
 ENGINE_KEYS = ("fingerprint", "epoch", "identity")
-
-
-def config_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
-    """Hash of the settings that must match for a resume to continue the same run."""
-    kept = {k: v for k, v in sorted(config.items()) if k not in ignore}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def state_digest(module: torch.nn.Module, extra: Any = None) -> str:

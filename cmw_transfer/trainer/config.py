@@ -9,6 +9,7 @@ loaded or written.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -16,11 +17,16 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.checkpoint import config_fingerprint
-from cmw_transfer.trainer.metasets import parse_meta_set
-from cmw_transfer.trainer.metastep import parse_meta_grad
-from cmw_transfer.trainer.soft_labels import MIXUP_ALPHA, TEACHER_DECAY
-from cmw_transfer.weighting import NORMALIZATIONS
+from cmw_transfer.trainer.defaults import MIXUP_ALPHA, TEACHER_DECAY
+
+# torch-free on purpose: the CLI builds its option tables from this module, so `--help` never imports torch.
+NORMALIZATIONS = ("batch", "sum", "none")
+
+
+def config_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """Hash of the settings that must match for a resume to continue the same run."""
+    kept = {k: v for k, v in sorted(config.items()) if k not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -341,9 +347,13 @@ class MetaTrainConfig(StageConfig):
         if self.lr <= 0 or self.meta_lr <= 0:
             raise UserError("--lr and --meta-lr must be > 0")
         try:
+            from cmw_transfer.trainer.metastep import parse_meta_grad
+
             parse_meta_grad(self.meta_grad)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        from cmw_transfer.trainer.metasets import parse_meta_set
+
         parse_meta_set(self.meta_set)
         if self.actual_step not in ACTUAL_STEPS:
             raise UserError(f"--actual-step must be one of {', '.join(ACTUAL_STEPS)}, got '{self.actual_step}'")

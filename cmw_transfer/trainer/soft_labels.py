@@ -25,9 +25,9 @@ import torch.nn.functional as F  # noqa: N812
 from timm.utils import ModelEmaV3
 from torch import nn
 
-TEACHER_DECAY = 0.997  # trans_webvision.py / Animal-10N transfer
+from cmw_transfer.trainer.defaults import MIXUP_ALPHA, TEACHER_DECAY
+
 PSEUDO_MOMENTUM = 0.9  # p <- 0.9 p + 0.1 softmax(teacher)
-MIXUP_ALPHA = 1.0
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
