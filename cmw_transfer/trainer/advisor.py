@@ -42,7 +42,7 @@ from torch.func import functional_call
 from cmw_transfer.eql import equalized_cross_entropy
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.dual_forward import FusedTangents
-from cmw_transfer.trainer.metastep import FamusGates, MetaResult, StepSpec, _gate_gradients, _steps_for
+from cmw_transfer.trainer.metastep import FamusGates, MetaResult, StepSpec, _gate_gradients, virtual_weights
 
 Params = dict[str, torch.Tensor]
 ADVISOR_PARTS = ("mfrw", "mes")
@@ -218,15 +218,7 @@ def advisor_meta_gradient(
     grad_of = {n: grad_all[n] for n in names}
 
     gate_values = gates(grad_of) if gates is not None else {}
-    steps = _steps_for(step, names)
-    buffers_of = momentum_buffers or {}
-    scale = {n: steps[n].lr * steps[n].slope(buffers_of.get(n) is not None) for n in names}
-    fast: Params = {}
-    for name, p in leaves.items():
-        if name in grad_of:
-            fast[name] = steps[name].apply(p.detach(), grad_of[name], buffers_of.get(name)).requires_grad_(True)
-        else:
-            fast[name] = p.detach()
+    fast, scale = virtual_weights(leaves, grad_of, step, names, momentum_buffers)
     meta_logits = functional_call(model, (fast, _clone(buffers)), (meta_x,))  # plain features, plain softmax
     meta_loss = F.cross_entropy(meta_logits, meta_y)
     g_meta = torch.autograd.grad(meta_loss, [fast[n] for n in names], allow_unused=True)

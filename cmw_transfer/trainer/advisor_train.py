@@ -41,7 +41,6 @@ from cmw_transfer.trainer.advisor import (
     plain_losses,
 )
 from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME
-from cmw_transfer.trainer.metastep import VirtualStep, virtual_step_from_optimizer
 from cmw_transfer.trainer.metatrain import MetaTrainer
 from cmw_transfer.trainer.registry import register_trainer
 
@@ -120,23 +119,12 @@ class AdvisorTrainer(MetaTrainer):
                            ) -> tuple[float, dict | None]:
         cfg = self.cfg
         meta_x, meta_y = self.meta_batch(self.gen)
-        if cfg.mirror_optimizer:
-            step, momentum = virtual_step_from_optimizer(self.optimizer, self.params)
-        else:
-            step, momentum = VirtualStep(self.optimizer.param_groups[0]["lr"]), None
+        step, momentum = self.virtual_step(self.params)
         reuse = cfg.actual_step == "reuse"
         result = advisor_meta_gradient(self.model, self.wnet, self.params, self.buffers, x, y, beta, meta_x, meta_y,
                                        step, self.virtual, momentum_buffers=momentum, gates=self.gates,
                                        features=f, keep_graph=not reuse, all_grads=reuse)
-        self.wnet_optimizer.zero_grad(set_to_none=True)
-        for name, p in self.wnet.named_parameters():
-            p.grad = result.wnet_grads[name]
-        self.wnet_optimizer.step()
-        if self.gates is not None and result.gate_grads:
-            self.gate_optimizer.zero_grad(set_to_none=True)
-            for name, p in self.gates.named_parameters():
-                p.grad = result.gate_grads.get(name)
-            self.gate_optimizer.step()
+        self.apply_meta_result(result)
         return result.meta_loss, (result.train_grads if reuse else None)
 
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:

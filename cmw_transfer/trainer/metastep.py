@@ -303,16 +303,8 @@ def meta_gradient(
     gate_values: dict[str, torch.Tensor] = {}
     if gates is not None:
         gate_values = gates(grad_of)
-    steps = _steps_for(step, names)
-    buffers_of = momentum_buffers or {}
     # w_hat is affine in g with slope -lr * s per tensor, so dw_hat/dtheta folds into the tangents below
-    scale = {n: steps[n].lr * steps[n].slope(buffers_of.get(n) is not None) for n in names}
-    fast: Params = {}
-    for name, p in leaves.items():
-        if name in grad_of:
-            fast[name] = steps[name].apply(p.detach(), grad_of[name], buffers_of.get(name)).requires_grad_(True)
-        else:
-            fast[name] = p.detach()
+    fast, scale = virtual_weights(leaves, grad_of, step, names, momentum_buffers)
     meta_logits = functional_call(model, (fast, _clone(buffers)), (meta_x,))
     meta_loss = F.cross_entropy(meta_logits, meta_y)
     g_meta = torch.autograd.grad(meta_loss, [fast[n] for n in names], allow_unused=True)
@@ -340,6 +332,21 @@ def meta_gradient(
     result.wnet_grads = {k: torch.zeros_like(p) if g is None else g
                          for (k, p), g in zip(wnet_params.items(), wgrads)}
     return result
+
+
+def virtual_weights(leaves: Params, grad_of: Params, step: StepSpec, names: list[str],
+                    momentum_buffers: Params | None = None) -> tuple[Params, dict[str, float]]:
+    """The virtually updated weights (leaves for the meta loss) and each virtual tensor's slope ``lr * s``."""
+    steps = _steps_for(step, names)
+    buffers_of = momentum_buffers or {}
+    scale = {n: steps[n].lr * steps[n].slope(buffers_of.get(n) is not None) for n in names}
+    fast: Params = {}
+    for name, p in leaves.items():
+        if name in grad_of:
+            fast[name] = steps[name].apply(p.detach(), grad_of[name], buffers_of.get(name)).requires_grad_(True)
+        else:
+            fast[name] = p.detach()
+    return fast, scale
 
 
 def _gate_gradients(gates: FamusGates, gate_values: dict[str, torch.Tensor], names: list[str],

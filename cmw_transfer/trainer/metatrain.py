@@ -321,14 +321,22 @@ class MetaTrainer(Stage):
                    buffers: dict, gen: np.random.Generator) -> tuple[float, dict | None]:
         cfg = self.cfg
         meta_x, meta_y = self.meta_batch(gen)
-        if cfg.mirror_optimizer:  # the real optimizer's param groups, Nesterov, per-group weight decay, buffers
-            step, momentum = virtual_step_from_optimizer(self.optimizer, params)
-        else:
-            step, momentum = VirtualStep(self.optimizer.param_groups[0]["lr"]), None
+        step, momentum = self.virtual_step(params)
         reuse = cfg.actual_step == "reuse"
         result = meta_gradient(self.model, self.wnet, params, buffers, batch, meta_x, meta_y, self.objective, step,
                                self.virtual, momentum_buffers=momentum, gates=self.gates, train_out=(logits, terms),
                                keep_graph=not reuse)
+        self.apply_meta_result(result)
+        return result.meta_loss, (result.train_grads if reuse else None)
+
+    def virtual_step(self, params: dict) -> tuple[Any, dict | None]:
+        """The virtual step and its momentum buffers: plain SGD at the current lr, or the real optimizer mirrored."""
+        if self.cfg.mirror_optimizer:  # the real optimizer's param groups, Nesterov, per-group weight decay, buffers
+            return virtual_step_from_optimizer(self.optimizer, params)
+        return VirtualStep(self.optimizer.param_groups[0]["lr"]), None
+
+    def apply_meta_result(self, result: Any) -> None:
+        """One optimizer step of the meta-model (and of FaMUS's gates) from a meta-gradient result."""
         self.wnet_optimizer.zero_grad(set_to_none=True)
         for name, p in self.wnet.named_parameters():
             p.grad = result.wnet_grads[name]
@@ -338,7 +346,6 @@ class MetaTrainer(Stage):
             for name, p in self.gates.named_parameters():
                 p.grad = result.gate_grads.get(name)
             self.gate_optimizer.step()
-        return result.meta_loss, (result.train_grads if reuse else None)
 
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
         sums, weights, losses = self.sums, self.last_weight, self.last_loss
