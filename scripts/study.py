@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # exact, and faster than 2 conten
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from study_table import print_table
 
 from cmw_transfer.trainer.apply import ApplyConfig, run_apply
 from cmw_transfer.trainer.metatrain import MetaTrainConfig, MetaTrainer
@@ -96,17 +97,11 @@ def main() -> None:
                                                      "results": results}, indent=2))
     print(f"digits, {args.model}, {args.epochs} epochs, seeds {seeds}; clean test top-1 (%), mean ± std "
           f"({time.perf_counter() - start:.0f} s)\n")
-    print("| setting | " + " | ".join(methods) + " |")
-    print("|---|" + "---|" * len(methods))
-    for setting in settings:
-        cells = []
-        for method in methods:
-            accs = results[setting][method]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cells.append(f"{statistics.mean(accs):.1f} ± {std:.1f}")
+    def label(setting: str) -> str:
         noise, imbalance = SETTINGS[setting]
-        label = f"{setting} ({noise or 'no noise'}{f', IF {imbalance:g}' if imbalance else ''})"
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        return f"{setting} ({noise or 'no noise'}{f', IF {imbalance:g}' if imbalance else ''})"
+
+    print_table(results, settings, methods, label)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from study_table import print_table
+
 from cmw_transfer.trainer.apply import ApplyConfig, run_apply
 from cmw_transfer.trainer.config import METHOD_DEFAULTS, MetaTrainConfig
 from cmw_transfer.trainer.registry import create_trainer
@@ -198,17 +200,11 @@ def main() -> None:
     if not args.skip_quality:
         print(f"digits, {args.model}, {args.epochs} epochs ({args.warmup_epochs} CE warm-up), seeds {seeds}; clean "
               f"test top-1 (%), mean ± std ({quality_seconds:.0f} s)\n")
-        print("| setting | " + " | ".join(methods) + " |")
-        print("|---|" + "---|" * len(methods))
-        for setting in settings:
-            cells = []
-            for method in methods:
-                accs = results[setting][method]
-                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                cells.append(f"{statistics.mean(accs):.1f} ± {std:.1f}")
+        def label(setting: str) -> str:
             noise, imbalance = SETTINGS[setting]
-            label = f"{setting} ({noise}{f', IF {imbalance:g}' if imbalance else ''})"
-            print(f"| {label} | " + " | ".join(cells) + " |")
+            return f"{setting} ({noise}{f', IF {imbalance:g}' if imbalance else ''})"
+
+        print_table(results, settings, methods, label)
     print(f"\ncost per iteration, {args.model}, batch {args.batch_size}, meta batch 100, device {args.device} "
           f"(median of {args.repeats} x {args.cost_steps} steps)\n")
     print("| step | ms | x ERM step | x CMW-Net meta-iteration | peak memory (MiB) |")

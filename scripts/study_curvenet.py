@@ -45,6 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from study_table import cell
+
 from cmw_transfer.artifact.curvenet import CurveNet
 from cmw_transfer.dataset import create_dataset
 from cmw_transfer.metrics import clean_noisy_auc
@@ -170,14 +172,6 @@ def source_curvenet(args: Any, work: Path, seed: int) -> Path:
     out = work / f"source-curvenet-{seed}"
     CurveNetTrainer(curvenet_config(args, out, curves, "transferable", noise, imbalance, seed), progress=False).run()
     return out
-
-
-def cell(values: list[float | None], digits: int = 1) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.{digits}f} ± {std:.{digits}f}"
 
 
 def main() -> None:

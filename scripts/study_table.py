@@ -1,0 +1,23 @@
+"""The markdown table the study scripts print: one row per setting, mean ± std over seeds per method."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+
+def cell(values: list[float | None], digits: int = 1) -> str:
+    """``mean ± std`` of the values that exist (``-`` when none; std 0 for a single seed)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.{digits}f} ± {std:.{digits}f}"
+
+
+def print_table(results: dict[str, dict[str, list[float]]], settings: list[str], methods: list[str],
+                label: Callable[[str], str]) -> None:
+    print("| setting | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    for setting in settings:
+        print(f"| {label(setting)} | " + " | ".join(cell(results[setting][m]) for m in methods) + " |")
