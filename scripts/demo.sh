@@ -14,7 +14,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
 echo "== 1. meta-train on digits-pmd -> $OUT/net"
-"$CMW" metatrain --src digits-pmd --out "$OUT/net" --quiet >"$OUT/metatrain.json"
+"$CMW" metatrain --src digits-pmd --out "$OUT/net" --quiet --json --overwrite >"$OUT/metatrain.json"
 
 echo "== 2. inspect"
 "$CMW" inspect --weights "$OUT/net" --plot "$OUT/net/curves.png"

@@ -209,7 +209,7 @@ def small_cfg(tmp_path, **kw):
 def test_cli_defaults_export_the_classifier_evaluated_without_the_mask(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, err = call_main(["metatrain", "--src", "digits-pmd", "--method", "advisor", "--out", str(out),
-                                   "--epochs", "2", "--warmup-epochs", "1", "--quiet"], capsys)
+                                   "--epochs", "2", "--warmup-epochs", "1", "--quiet", "--json"], capsys)
     assert code == 0, err
     result = json.loads(stdout)
     run = json.loads((out / "run.json").read_text())

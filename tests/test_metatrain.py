@@ -28,7 +28,7 @@ def test_run_writes_a_loadable_artifact(tmp_path):
     assert net.provenance["source"] == "digits-pmd" and net.provenance["method"] == "cmwnet"
     assert set(net.loss_range) == {"min", "p1", "p50", "p99", "max"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[0]["meta_steps"] == 0 and rows[1]["meta_steps"] > 0
     assert 0.0 <= rows[-1]["clean_noisy_auc"] <= 1.0 and "test_top1" in rows[-1]
     assert (out / "curves.png").is_file() and (out / "checkpoint.pt").is_file()
@@ -51,7 +51,33 @@ def test_resume_after_interrupted_epoch_is_exact(tmp_path):
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
     lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_a_checkpoint_that_counted_epochs_from_0_resumes_exactly_with_its_log_relabelled(tmp_path):
+    """Meta-train runs once counted epochs from 0 (checkpoint and metrics.jsonl) and did not record it: such a
+    run resumes, exactly, and its log then counts from 1 throughout."""
+    full = MetaTrainer(small_cfg(tmp_path / "a"), progress=False)
+    full.run()
+    cfg = small_cfg(tmp_path / "b")
+    with crash_at(3, 4, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        MetaTrainer(cfg, progress=False).run()
+    run = tmp_path / "b" / "run"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["first_epoch"]) == (2, 1)
+    del state["first_epoch"]
+    state["epoch"] -= 1  # what the earlier version wrote after two epochs
+    torch.save(state, run / "checkpoint.pt")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "epoch": r["epoch"] - 1}) + "\n" for r in rows))
+    resumed = MetaTrainer(cfg, resume=True, progress=False)
+    assert resumed.start_epoch == 2
+    resumed.run()
+    for (k, a), b in zip(full.wnet.state_dict().items(), resumed.wnet.state_dict().values()):
+        assert torch.equal(a, b), k
+    after = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in after] == [1, 2, 3] and after[:2] == rows[:2]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 3
 
 
 def test_resume_refuses_other_configuration(tmp_path):
@@ -95,7 +121,7 @@ def test_nan_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="non-finite training loss"):
         trainer.run()
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["wnet"].values())
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["wnet"].values())
 
 
 @pytest.mark.parametrize(("args", "needle"), [

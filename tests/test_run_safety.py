@@ -55,7 +55,7 @@ def test_metatrain_refuses_an_existing_run_without_a_flag_and_overwrites_with_on
         MetaTrainer(meta_cfg(out), progress=False)
     assert _snapshot(out) == before
     MetaTrainer(meta_cfg(out, epochs=1), overwrite=True, progress=False).run()
-    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_metatrain_resume_of_a_finished_run_has_nothing_to_do(meta_run, tmp_path):
@@ -74,7 +74,7 @@ def test_metatrain_killed_during_its_export_re_exports_the_same_net(meta_run, tm
     (out / lost).unlink()
     result = MetaTrainer(meta_cfg(out), resume=True, progress=False).run()
     assert (out / "model.safetensors").read_bytes() == (meta_run / "model.safetensors").read_bytes()
-    assert result["loss_range"]["max"] > 0 and result["final"]["epoch"] == 1
+    assert result["loss_range"]["max"] > 0 and result["final"]["epoch"] == 2
 
 
 def test_metatrain_resume_with_other_epochs_is_refused(meta_run, tmp_path):

@@ -24,6 +24,8 @@ from cmw_transfer.cli.options import (
     FRACTION,
     IMBALANCE,
     IMG_SIZE,
+    LOG_HELP,
+    LOGGERS,
     LR,
     NON_NEGATIVE,
     NPROC,
@@ -59,6 +61,9 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
         elif param.multiple:
             for item in value or ():
                 args += [param.opts[0], str(item)]
+        elif isinstance(value, tuple):  # a comma-separated list (--log)
+            if value:
+                args += [param.opts[0], ",".join(map(str, value))]
         elif value is not None:
             args += [param.opts[0], str(value)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -207,6 +212,7 @@ def _preflight(cfg: ApplyConfig) -> None:
               help="Reject as unknown below this reachability.  [default: accept --open-accept of known test]")
 @click.option("--open-accept", type=FRACTION, default=0.95, show_default=True,
               help="Without --open-threshold: the fraction of known test samples the threshold accepts.")
+@click.option("--log", "log", type=LOGGERS, default="", help=LOG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's config.json; options given on "
@@ -218,8 +224,9 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, config_file: str | 
     --trainer oltr trains OLTR (two stages) with the same weighting; --open-classes / --open-dataset add the
     open-set evaluation (reachability rejection, F-measure) to either trainer.
 
-    Writes config.json, families.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch) and
-    summary.json into --out, all atomically.
+    Writes config.json, families.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch),
+    summary.json, the final and best classifier (safetensors) and training.png into --out, all atomically; --log
+    adds metrics.csv and/or TensorBoard event files.
     """
     from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
     from cmw_transfer.trainer.apply import run_apply

@@ -47,6 +47,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "device": (opt.DEVICE, "auto, cpu, cuda or cuda:N."),
     "workers": (opt.WORKERS, "DataLoader worker processes."),
     "eval_dataset": (str, "Test set of the classifier (required for list:/folder: sources, which have none)."),
+    "log": (opt.LOGGERS, opt.LOG_HELP),
 }
 # --method curvenet only (docs/curvenet.md)
 CURVENET_OPTIONS: dict[str, tuple[Any, str]] = {
@@ -58,7 +59,8 @@ CURVENET_OPTIONS: dict[str, tuple[Any, str]] = {
     "embed_dim": (opt.HIDDEN, "curvenet: width P of the curve feature and the class embedding (paper: 64)."),
     "curvenet_factor": (opt.POSITIVE, "curvenet: w = factor * sigmoid + bias (paper CIFAR-10: 1)."),
     "curvenet_bias": (opt.NON_NEGATIVE, "curvenet: w = factor * sigmoid + bias (paper CIFAR-10: 0.02)."),
-    "meta_stop_epoch": (opt.EPOCHS, "curvenet: last meta update before this epoch (default: the first lr decay)."),
+    "meta_stop_epoch": (opt.EPOCHS, "curvenet: meta updates in epochs 1..N only, then the net is frozen "
+                        "(default: the last epoch before the first lr decay)."),
 }
 
 
@@ -79,15 +81,18 @@ def _apply_options(command):
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's run.json; options given on the "
                    "command line override it.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object (the only output "
+                                                      "on stdout).")
 def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, overwrite: bool, config_file: str | None,
-                  quiet: bool, **options) -> None:
+                  quiet: bool, as_json: bool, **options) -> None:
     """Meta-train a CMW-Net / MW-Net / CMW-Net-SL weighting net; defaults follow the source's recipe.
 
     --method advisor trains an advisor network (MFRW / MES) instead: its output is the trained classifier
     (classifier.safetensors with a model card), since the advisor is tied to the backbone's feature size and the
     label set and is discarded at test time; the advisor itself is kept in the checkpoint for --resume only.
 
-    Prints the result as one JSON object on stdout; per-epoch lines and the progress bar go to stderr.
+    Prints a one-line result on stdout (--json: the summary as one JSON object); per-epoch lines, warnings and
+    the progress bar go to stderr. Epochs count from 1, as in apply.
     """
     from cmw_transfer.trainer.registry import create_trainer
 
@@ -118,4 +123,9 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     cfg = config_cls.from_dict(values)
     stage = stage or ("advisor" if cfg.method == "advisor" else "metatrain")
     result = create_trainer(stage, cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
-    click.echo(json.dumps(result, sort_keys=True))
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    final = result.get("final") or {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items()) if isinstance(v, float) and k != "seconds")
+    click.echo(f"done: {result['out']}: epoch {final.get('epoch', '-')}" + (f", {shown}" if shown else ""))

@@ -97,6 +97,27 @@ class WarmupType(click.ParamType):
         return bounded_int(0, MAX_EPOCHS).convert(value, param, ctx)
 
 
+class LoggersType(click.ParamType):
+    """``--log csv,tensorboard``: comma-separated logger names, checked here (the config re-checks files)."""
+
+    name = "csv,tensorboard"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        from cmw_transfer.errors import UserError
+        from cmw_transfer.trainer.config import parse_loggers
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_loggers(str(value))
+        except UserError as exc:
+            self.fail(str(exc).removeprefix("--log: "), param, ctx)
+
+
+LOG_HELP = ("Loggers beside metrics.jsonl, comma-separated: csv (metrics.csv, one row per epoch) and/or "
+            "tensorboard (event files in OUT/tensorboard; pip install 'cmw-transfer[tensorboard]').")
+
+
 # -- the types the commands use ----------------------------------------------------------------------------------
 LR = FiniteFloat(0.0, MAX_LR, min_open=True)
 POSITIVE = FiniteFloat(0.0, min_open=True)
@@ -118,6 +139,7 @@ NPROC = bounded_int(1, MAX_NPROC)
 DEVICE = DeviceType()
 WARMUP_AUTO = WarmupType()
 CLASS_FLOOR = FiniteFloat(0.0, 1.0)
+LOGGERS = LoggersType()
 
 weights_option = click.option(
     "--weights", "weights_spec", required=True, metavar="SPEC",

@@ -8,8 +8,10 @@ from dataclasses import fields
 
 import click
 
+from cmw_transfer.cli.options import LOG_HELP, LOGGERS
+
 # option name -> (type, help); defaults come from the dataset's probe recipe, then from ProbeConfig
-OPTIONS: dict[str, tuple[type, str]] = {
+OPTIONS: dict[str, tuple[object, str]] = {
     "data_root": (str, "Root folder of the dataset's files."),
     "noise": (str, "Inject label noise, e.g. sym:0.4 (the same as the later metatrain/apply run)."),
     "imbalance": (float, "Long-tail imbalance factor to inject (the same as the later run)."),
@@ -28,6 +30,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "seed": (int, "Seed of the run and of the injected bias (use the later run's seed)."),
     "workers": (int, "DataLoader worker processes."),
     "device": (str, "auto, cpu, cuda or cuda:N (torchrun: LOCAL_RANK)."),
+    "log": (LOGGERS, LOG_HELP),
 }
 
 

@@ -35,16 +35,25 @@ def dumps_row(row: dict[str, Any]) -> str:
     return json.dumps(strict_json(row), sort_keys=True, allow_nan=False)
 
 
+def _relabelled(row: dict[str, Any], relabel: int) -> dict[str, Any]:
+    epoch = row.get("epoch")
+    if relabel and isinstance(epoch, int) and not isinstance(epoch, bool):
+        return {**row, "epoch": epoch + relabel}
+    return row
+
+
 def _os_reason(exc: OSError) -> str:
     return exc.strerror or exc.__class__.__name__
 
 
 class MetricsLog:
-    def __init__(self, path: str | Path, *, resume_from_epoch: int | None = None) -> None:
-        """Start empty, or on resume keep the rows of epochs before ``resume_from_epoch`` (no duplicates, no tail)."""
+    def __init__(self, path: str | Path, *, resume_from_epoch: int | None = None, relabel: int = 0) -> None:
+        """Start empty, or on resume keep the rows of epochs before ``resume_from_epoch`` (no duplicates, no tail);
+        ``relabel`` is added to the kept rows' epochs (a log that counted from another origin)."""
         self.path = Path(path)
         kept = [] if resume_from_epoch is None else \
-            [row for row in self.read() if row.get("epoch", -1) < resume_from_epoch]
+            [row for row in map(lambda r: _relabelled(r, relabel), self.read())
+             if row.get("epoch", -1) < resume_from_epoch]
         try:
             write_text(self.path, "".join(dumps_row(r) + "\n" for r in kept))
         except OSError as exc:

@@ -241,6 +241,7 @@ class ERMTrainer(Stage):
         cfg = s.cfg
         self.ctx, self.out, self.seed, self.progress, self.batch_size = s.ctx, s.out, cfg.seed, cfg.progress, \
             cfg.batch_size
+        self.log = tuple(cfg.log)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         self.model = self.build_model().to(s.ctx.device)
         self.loader = s.train_loader

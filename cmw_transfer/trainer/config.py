@@ -30,6 +30,34 @@ def config_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> 
 
 C = TypeVar("C", bound="StageConfig")
 
+# --log: epoch loggers beside metrics.jsonl (cmw_transfer.metrics.loggers); the engine runs them for every stage
+LOGGERS = ("csv", "tensorboard")
+TENSORBOARD_HINT = "pip install 'cmw-transfer[tensorboard]'"
+
+
+def parse_loggers(value: Any) -> tuple[str, ...]:
+    """``"tensorboard,csv"`` (or a list of names) -> ``("csv", "tensorboard")``; an unknown name is a UserError."""
+    if value is None:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    names = {str(p).strip().lower() for p in parts} - {""}
+    unknown = sorted(names - set(LOGGERS))
+    if unknown:
+        raise UserError(f"--log: unknown logger(s) {', '.join(unknown)}; choose from {', '.join(LOGGERS)} "
+                        "(comma-separated)")
+    return tuple(sorted(names))
+
+
+def check_loggers(log: Any) -> tuple[str, ...]:
+    """Validate ``--log`` and, for TensorBoard, that its package is installed (before any work)."""
+    names = parse_loggers(log)
+    if "tensorboard" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UserError(f"--log tensorboard needs the tensorboard package: {TENSORBOARD_HINT}")
+    return names
+
 WEIGHTINGS = ("cmw", "none", "focal", "class-balanced", "eql")  # fixed baselines: cmw_transfer.baselines, .eql
 EQL_FIELDS = ("eql_threshold", "eql_rho")  # --weighting eql only: in the fingerprint of EQL runs only
 TRAINERS = ("erm", "oltr")
@@ -40,7 +68,7 @@ OLTR_FIELDS = ("oltr_stage1_epochs", "oltr_stage2_epochs", "oltr_backbone_lr_mul
                "reachability_scale", "modulated_attention", "recompute_centroids")
 # settings that do not change what is computed: a resume may change them
 RESUME_FREE = ("out", "resume", "workers", "eval_every", "extra_eval", "device", "overwrite", "progress",
-               "open_dataset", "open_threshold", "open_accept")
+               "open_dataset", "open_threshold", "open_accept", "log")
 METHODS = ("cmwnet", "mwnet", "cmwnet-sl", "advisor")
 # what --method advisor reads: in the fingerprint of advisor runs only, so other runs keep theirs
 ADVISOR_FIELDS = ("advisor", "advisor_rho")
@@ -54,7 +82,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 # updated: the paper's order, the real step re-weights with the just-updated net (keeps the graph alive).
 ACTUAL_STEPS = ("reuse", "updated")
 # meta-train settings a resume may change (epochs is checked on its own, with its own message)
-METATRAIN_RESUME_FREE = ("epochs", "device", "workers", "out", "eval_dataset")
+METATRAIN_RESUME_FREE = ("epochs", "device", "workers", "out", "eval_dataset", "log")
 
 
 class StageConfig:
@@ -196,6 +224,7 @@ class ApplyConfig(StageConfig):
     open_accept: float = 0.95
     # a CurveNet --weights reads each sample's loss curve from this probe directory (docs/curvenet.md)
     curves: str | None = None
+    log: tuple[str, ...] = ()  # --log csv,tensorboard: loggers beside metrics.jsonl (not in the fingerprint)
 
     def fingerprint(self) -> str:
         config = self.to_dict()
@@ -224,6 +253,7 @@ class ApplyConfig(StageConfig):
     def validate(self) -> None:
         """Cheap checks, before anything is loaded or written."""
         self.check_finite()
+        self.log = check_loggers(self.log)
         if self.weighting not in WEIGHTINGS:
             raise UserError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got '{self.weighting}'")
         if self.weighting == "cmw" and not self.weights:
@@ -319,6 +349,7 @@ class MetaTrainConfig(StageConfig):
     eval_dataset: str | None = None  # required for list: / folder: sources (they have no test split)
     advisor: str = "mfrw,mes"  # --method advisor: which outputs the advisor has (mfrw, mes or both)
     advisor_rho: float = 0.9  # --method advisor: P(beta = 1) of the MES Bernoulli
+    log: tuple[str, ...] = ()  # --log csv,tensorboard: loggers beside metrics.jsonl (not in the fingerprint)
 
     @classmethod
     def bookkeeping_keys(cls) -> tuple[str, ...]:
@@ -335,6 +366,7 @@ class MetaTrainConfig(StageConfig):
 
     def validate(self) -> None:
         self.check_finite()
+        self.log = check_loggers(self.log)
         if self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if self.meta_interval < 1:

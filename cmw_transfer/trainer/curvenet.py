@@ -50,7 +50,7 @@ class CurveNetConfig(MetaTrainConfig):
     embed_dim: int = 64  # P
     curvenet_factor: float = 1.0  # w = factor * sigmoid + bias (paper, CIFAR-10)
     curvenet_bias: float = 0.02
-    meta_stop_epoch: int | None = None  # None: the first lr decay (40% of --epochs, as epoch 80 of 200)
+    meta_stop_epoch: int | None = None  # meta updates in epochs 1..N; None: up to the first lr decay (80 of 200)
 
     def validate(self) -> None:
         if self.method != "curvenet":

@@ -10,15 +10,22 @@ The engine owns what every stage shares; a stage (a :class:`Stage` subclass regi
    structure (``ENGINE_KEYS`` + ``stage.state_keys``, an epoch inside the run) and identity
    (``stage.identity()``) are validated, then ``stage.load_state_dict(state)``; any mismatch is one ``UserError``;
 3. ``stage.start(epoch)`` (wrap for DDP, continue the schedule) and ``stage.write_start_files()`` (rank 0);
-4. for every remaining epoch ``e`` (0-based index; its label in logs and checkpoints is ``e + stage.first_epoch``):
+4. for every remaining epoch ``e`` (0-based index; its label in logs and checkpoints is ``e + stage.first_epoch``,
+   1 for every stage):
    ``note = stage.begin_epoch(e)`` -> ``stage.seed_epoch(e)`` (every random stream from ``(seed, e, rank)``) ->
    ``stage.train_loader().set_epoch(e)`` -> ``stage.train_step(step, batch)`` for each batch (returns the number
    of samples, for the progress bar) -> ``row = stage.end_epoch(e, seconds)`` (train statistics, reduced over ranks)
    -> non-finite ``train_loss`` stops the run (the last checkpoint stays intact) ->
    ``row |= stage.evaluate(e, last)`` -> rank 0 appends ``row`` to ``metrics.jsonl`` (strict JSON, torn-tail safe),
+   passes it to the loggers ``stage.log`` names (``--log csv,tensorboard``: :mod:`cmw_transfer.metrics.loggers`),
    prints ``stage.epoch_line(row)`` and writes the checkpoint atomically:
-   ``{fingerprint, epoch: label, identity, **stage.state_dict()}``;
+   ``{fingerprint, epoch: label, first_epoch, identity, **stage.state_dict()}``;
 5. ``summary = stage.finish(rows)`` (exports, summary files), rank 0 writes it if ``stage.summary_name``.
+
+Every stage counts epochs from 1. A checkpoint records the label of its first epoch (``first_epoch``); one that
+does not (written before it was recorded) counts from ``stage.legacy_first_epoch`` (meta-train runs counted from
+0): its epoch and the labels of the ``metrics.jsonl`` rows a resume keeps are translated, so such a run resumes
+exactly and its log reads as if it had always counted from 1.
 
 Resume is exact because nothing random carries over an epoch boundary except what the checkpoint holds: the
 loaders' order and worker seeds are functions of ``(seed, epoch)`` and ``seed_epoch`` re-seeds the rest.
@@ -47,6 +54,7 @@ from tqdm import tqdm
 from cmw_transfer.atomic import write_json
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.log import METRICS_NAME, MetricsLog, strict_json
+from cmw_transfer.metrics.loggers import EpochLogger, create_loggers
 from cmw_transfer.trainer.checkpoint import (
     CHECKPOINT_NAME,
     check_structure,
@@ -103,13 +111,15 @@ class Stage:
     Set by the subclass: ``kind`` (run-directory kind), ``first_epoch`` (label of epoch index 0), ``state_keys``
     (checkpoint keys ``load_state_dict`` needs), ``summary_name`` (a file for ``finish``'s result, or None), and
     in ``__init__``: ``self.ctx`` (:class:`DistributedContext`), ``self.out`` (``Path``), ``self.seed``,
-    ``self.progress``, ``self.batch_size``.
+    ``self.progress``, ``self.batch_size``, optionally ``self.log`` (the ``--log`` loggers).
     """
 
     kind: ClassVar[str] = ""
     first_epoch: ClassVar[int] = 1
     state_keys: ClassVar[tuple[str, ...]] = ()
     summary_name: ClassVar[str | None] = None
+    legacy_first_epoch: ClassVar[int | None] = None  # the label of epoch 0 in checkpoints that do not record it
+    log: tuple[str, ...] = ()
 
     ctx: DistributedContext
     out: Path
@@ -178,6 +188,8 @@ class Engine:
         self._signal: int | None = None
         self._last_label: int | None = None
         self._start: int | None = None
+        self._loggers: list[EpochLogger] = []
+        self._relabel = 0  # added to the epoch labels of a legacy checkpoint's log rows
 
     def run(self) -> dict[str, Any]:
         stage, ctx = self.stage, self.stage.ctx
@@ -190,7 +202,10 @@ class Engine:
             if ctx.is_main:
                 stage.write_start_files(start, resumed=self.resume)
                 log = MetricsLog(stage.out / METRICS_NAME,
-                                 resume_from_epoch=start + stage.first_epoch if self.resume else None)
+                                 resume_from_epoch=start + stage.first_epoch if self.resume else None,
+                                 relabel=self._relabel)
+                self._loggers = create_loggers(stage.log, stage.out, rows=log.read(),
+                                               first_epoch=start + stage.first_epoch if self.resume else None)
             t_run = time.perf_counter()
             with self._signals():
                 for epoch in range(start, stage.total_epochs()):
@@ -202,6 +217,9 @@ class Engine:
             ctx.barrier()
             return summary
         finally:
+            for logger in self._loggers:
+                logger.close()
+            self._loggers = []
             self.rundir.release()
 
     def restore(self, state: dict[str, Any] | None = None) -> int:
@@ -211,6 +229,7 @@ class Engine:
         path = stage.out / CHECKPOINT_NAME
         if state is None:
             state = load_checkpoint(path, stage.fingerprint())
+        state = self._translate_epochs(state, path)
         start = check_structure(state, path, required=stage.state_keys, first_epoch=stage.first_epoch,
                                 total_epochs=stage.total_epochs(), identity=stage.identity())
         try:
@@ -220,6 +239,19 @@ class Engine:
         self._last_label = start - 1 + stage.first_epoch if start else None
         self._start = start
         return start
+
+    def _translate_epochs(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """A checkpoint whose epochs count from another origin (a legacy one): its epoch in this stage's labels."""
+        stage = self.stage
+        legacy = stage.first_epoch if stage.legacy_first_epoch is None else stage.legacy_first_epoch
+        origin = state.get("first_epoch", legacy)
+        if isinstance(origin, bool) or not isinstance(origin, int):
+            raise UserError(f"--resume: {path} is damaged (first_epoch is {origin!r}); delete it (or use "
+                            "--overwrite) to start over")
+        self._relabel = stage.first_epoch - origin
+        if self._relabel and isinstance(state.get("epoch"), int) and not isinstance(state["epoch"], bool):
+            state = {**state, "epoch": state["epoch"] + self._relabel}
+        return state
 
     def _epoch(self, epoch: int, log: MetricsLog | None) -> None:
         stage, ctx = self.stage, self.stage.ctx
@@ -251,10 +283,13 @@ class Engine:
         if ctx.is_main:
             assert log is not None
             log.append(row)
+            for logger in self._loggers:
+                logger.log(row)
             line = stage.epoch_line(row)
             if line:
                 tqdm.write(line, file=sys.stderr)
             save_checkpoint(stage.out / CHECKPOINT_NAME, {"fingerprint": stage.fingerprint(), "epoch": label,
+                                                          "first_epoch": stage.first_epoch,
                                                           "identity": stage.identity(), **stage.state_dict()})
         self._last_label = label
         _notify("on_epoch_end", stage, epoch, row)

@@ -64,7 +64,8 @@ class MetaTrainer(Stage):
     """Stage hooks over a meta-train run; ``resume`` restores the checkpoint at construction (``start_epoch``)."""
 
     kind = "metatrain"
-    first_epoch = 0  # metrics.jsonl and the checkpoint count meta-train epochs from 0
+    first_epoch = 1  # metrics.jsonl, the checkpoint and the messages count epochs from 1, as apply does
+    legacy_first_epoch = 0  # checkpoints written before they recorded their origin counted from 0 (translated)
     state_keys = ("updates", "model", "wnet", "optimizer", "wnet_optimizer", "teacher", "meta_indices",
                   "loss_range")
 
@@ -79,6 +80,7 @@ class MetaTrainer(Stage):
         self.device = resolve_device(cfg.device)
         self.ctx = DistributedContext(self.device)
         self.seed, self.batch_size = cfg.seed, cfg.batch_size
+        self.log = tuple(cfg.log)
         self.meta_spec = parse_meta_set(cfg.meta_set)
         torch.manual_seed(cfg.seed)
         self.data = load_source(cfg, self.meta_spec)
@@ -303,7 +305,8 @@ class MetaTrainer(Stage):
         return len(y)
 
     def epoch_label(self) -> int:
-        return int(self.updates // max(len(self.loader), 1))
+        """The epoch being trained, counted from 1 (as in metrics.jsonl)."""
+        return int(self.updates // max(len(self.loader), 1)) + self.first_epoch
 
 
     def _train_batch(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: np.random.Generator,

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cmw_transfer.atomic import write_json
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.common import DistributedContext, make_loader
-from cmw_transfer.trainer.config import StageConfig, _at_least
+from cmw_transfer.trainer.config import StageConfig, _at_least, check_loggers
 from cmw_transfer.trainer.engine import Engine, Stage
 from cmw_transfer.trainer.loss_curves import PROBE_NAME, SCHEDULE_KEYS
 from cmw_transfer.trainer.registry import register_trainer
@@ -43,7 +43,7 @@ from cmw_transfer.trainer.rundir import RunDirectory
 LOSSES_NAME = "losses.npy"
 LABELS_NAME = "labels.npy"
 SUMMARY_NAME = "summary.json"
-PROBE_RESUME_FREE = ("out", "workers", "device", "progress", "resume", "overwrite")
+PROBE_RESUME_FREE = ("out", "workers", "device", "progress", "resume", "overwrite", "log")
 
 
 @dataclass
@@ -76,6 +76,7 @@ class ProbeConfig(StageConfig):
     progress: bool = True
     resume: bool = False
     overwrite: bool = False
+    log: tuple[str, ...] = ()  # --log csv,tensorboard: loggers beside metrics.jsonl (not in the fingerprint)
 
     def fingerprint(self) -> str:
         from cmw_transfer.trainer.checkpoint import config_fingerprint
@@ -84,6 +85,7 @@ class ProbeConfig(StageConfig):
 
     def validate(self) -> None:
         self.check_finite()
+        self.log = check_loggers(self.log)
         _at_least((("epochs", self.epochs, 2), ("batch-size", self.batch_size, 1), ("workers", self.workers, 0)))
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
@@ -163,6 +165,7 @@ class ProbeTrainer(Stage):
 
         self.cfg, self.ctx = cfg, ctx
         self.out, self.seed, self.progress, self.batch_size = Path(cfg.out), cfg.seed, cfg.progress, cfg.batch_size
+        self.log = tuple(cfg.log)
         self.train = probe_dataset(cfg)
         self.n = len(self.train)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank

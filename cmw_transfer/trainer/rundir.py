@@ -22,12 +22,14 @@ from typing import Any
 from cmw_transfer.errors import UserError
 
 LOCK_NAME = ".lock"
+LOG_FILES = ("metrics.csv", "tensorboard")  # --log csv,tensorboard (cmw_transfer.metrics.loggers)
 RUN_FILES = {  # what each kind writes (the last two are the exported net's)
     "apply": ("config.json", "families.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
-              "classifier.safetensors", "classifier_best.safetensors", "training.png"),
+              "classifier.safetensors", "classifier_best.safetensors", "training.png", *LOG_FILES),
     "metatrain": ("run.json", "checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "README.md",
-                  "curves.png", "classifier.safetensors", "classifier.json"),
-    "probe": ("probe.json", "losses.npy", "labels.npy", "checkpoint.pt", "metrics.jsonl", "summary.json"),
+                  "curves.png", "classifier.safetensors", "classifier.json", *LOG_FILES),
+    "probe": ("probe.json", "losses.npy", "labels.npy", "checkpoint.pt", "metrics.jsonl", "summary.json",
+              *LOG_FILES),
 }
 KIND_NAMES = {"apply": "an apply run", "metatrain": "a meta-train run", "net": "a saved weighting net",
               "probe": "a loss-curve probe"}
