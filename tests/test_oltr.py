@@ -149,6 +149,37 @@ def test_open_set_f_measures_follow_their_definitions():
     assert calibrated_threshold(np.arange(100.0), 0.95) == 5.0  # accepts 95 of the 100
 
 
+def test_open_macro_f1_is_sklearn_f1_over_the_classes_present_on_random_cases():
+    """Random predictions over known classes + unknown, with classes absent from the labels (predicted or not),
+    no unknown sample, only unknowns, a class never predicted: the score is the unweighted mean of
+    2TP / (2TP + FP + FN) over the classes present in the labels, which is sklearn's macro F1 on those labels."""
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        num_known = int(rng.integers(1, 8))
+        unknown = num_known
+        n = int(rng.integers(1, 60))
+        present = rng.choice(num_known + 1, size=int(rng.integers(1, num_known + 2)), replace=False)
+        if case % 10 == 0:
+            present = present[present != unknown] if (present != unknown).any() else present  # no unknowns
+        elif case % 10 == 1:
+            present = np.array([unknown])  # only unknowns
+        label = rng.choice(present, size=n)
+        pred = rng.integers(0, num_known + 1, size=n)  # may name classes absent from the labels
+        if case % 3 == 0:
+            pred = np.where(rng.random(n) < 0.6, label, pred)  # mostly right
+        per_class = []
+        for c in np.unique(label):
+            tp = np.sum((pred == c) & (label == c))
+            fp = np.sum((pred == c) & (label != c))
+            fn = np.sum((pred != c) & (label == c))
+            per_class.append(2 * tp / (2 * tp + fp + fn))
+        ours = open_macro_f1(pred, label, unknown)
+        assert ours == pytest.approx(float(np.mean(per_class)), abs=1e-12), case
+        assert ours == pytest.approx(f1_score(label, pred, labels=np.unique(label), average="macro",
+                                              zero_division=0), abs=1e-12)
+    assert np.isnan(open_macro_f1(np.array([], dtype=int), np.array([], dtype=int), 3))
+
+
 def test_reachability_rejects_a_held_out_class_on_synthetic_clusters():
     rng = np.random.default_rng(0)
     means = rng.normal(0, 1, (5, 16)) * 6  # class 4 is never seen in training

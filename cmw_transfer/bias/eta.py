@@ -141,11 +141,11 @@ def _torch_eta(ds: LabeledDataset, epochs: int, seed: int, batch_size: int, num_
     clean = torch.as_tensor(_clean_labels(ds))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                         collate_fn=skip_unreadable_collate, generator=torch.Generator().manual_seed(seed))
-    from tqdm.auto import tqdm
+    from cmw_transfer.progress import progress_bar
 
     model = None
     desc = f"eta for {ds.name}: training a small CNN on the clean labels (cached afterwards)"
-    for _ in tqdm(range(max(int(epochs), 1)), desc=desc, unit="epoch", disable=None):
+    for _ in progress_bar(range(max(int(epochs), 1)), desc=desc, unit="epoch"):
         for x, _observed, idx in loader:
             if not idx.numel():
                 continue

@@ -11,7 +11,7 @@ reading: per-class F1 over the known classes present plus "unknown", averaged wi
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 
 def open_f_measure(pred: np.ndarray, label: np.ndarray, unknown: int) -> float:
@@ -27,16 +27,13 @@ def open_f_measure(pred: np.ndarray, label: np.ndarray, unknown: int) -> float:
 
 
 def open_macro_f1(pred: np.ndarray, label: np.ndarray, unknown: int) -> float:
-    """Macro F1 over the classes present in ``label`` (known ones and "unknown"), unknown being class ``unknown``."""
+    """Macro F1 over the classes present in ``label`` (known ones and "unknown", class ``unknown``): scikit-learn's
+    ``f1_score`` restricted to those labels, a class never predicted scoring 0; NaN without samples."""
     pred, label = np.asarray(pred), np.asarray(label)
-    scores = []
-    for c in np.unique(label):
-        tp = float(np.sum((pred == c) & (label == c)))
-        n_pred, n_true = float(np.sum(pred == c)), float(np.sum(label == c))
-        p = tp / n_pred if n_pred else 0.0
-        r = tp / n_true
-        scores.append(2.0 * p * r / (p + r) if p + r else 0.0)
-    return float(np.mean(scores)) if scores else float("nan")
+    present = np.unique(label)
+    if not present.size:
+        return float("nan")
+    return float(f1_score(label, pred, labels=present, average="macro", zero_division=0.0))
 
 
 def open_set_report(logits_pred: np.ndarray, label: np.ndarray, score: np.ndarray, unknown: int,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.atomic import write_json
 from cmw_transfer.baselines import ClassBalancedWeighting, FocalWeighting
 from cmw_transfer.errors import UserError
 from cmw_transfer.guards import STARVED_FRACTION, WarmupGate, reference_weight
+from cmw_transfer.progress import progress_write
 from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, state_digest
 from cmw_transfer.trainer.common import DistributedContext, create_optimizer_and_scheduler, derive_seed, make_loader
 from cmw_transfer.trainer.config import ApplyConfig
@@ -488,7 +487,7 @@ class ERMTrainer(Stage):
             acc, worst = min(scored)
             summary["worst_class"] = {"class": worst, "top1": acc}
             if self.ctx.is_main and self.progress:
-                tqdm.write(f"worst class: {worst} at {acc:.1f}% test top-1", file=sys.stderr)
+                progress_write(f"worst class: {worst} at {acc:.1f}% test top-1")
         return summary
 
 
@@ -544,19 +543,19 @@ def _epoch_line(row: dict[str, Any]) -> str:
 
 
 def _describe_start(s: RunSetup, start_epoch: int) -> None:
-    cfg, ctx, train_ds, families, net, err = s.cfg, s.ctx, s.train_ds, s.families, s.net, sys.stderr
+    cfg, ctx, train_ds, families, net = s.cfg, s.ctx, s.train_ds, s.families, s.net
     noise = train_ds.noise_rate() if hasattr(train_ds, "noise_rate") else None
-    tqdm.write(f"apply: {train_ds.describe()}" + (f", realised noise {100 * noise:.1f}%" if noise is not None else "")
-               + f"; model {cfg.model}; trainer {cfg.trainer}; weighting {cfg.weighting}"
-               f"{' + soft labels' if cfg.soft_labels else ''}; "
-               f"world size {ctx.world_size}; device {ctx.device}", file=err)
+    realised = f", realised noise {100 * noise:.1f}%" if noise is not None else ""
+    progress_write(f"apply: {train_ds.describe()}{realised}; model {cfg.model}; trainer {cfg.trainer}; "
+                   f"weighting {cfg.weighting}{' + soft labels' if cfg.soft_labels else ''}; "
+                   f"world size {ctx.world_size}; device {ctx.device}")
     if families is not None and net is not None:
-        tqdm.write(f"families: centers {[round(c, 1) for c in families['centers']]} -> classes per head "
-                   f"{families['classes_per_head']} (source centers {net.centers})", file=err)
+        progress_write(f"families: centers {[round(c, 1) for c in families['centers']]} -> classes per head "
+                       f"{families['classes_per_head']} (source centers {net.centers})")
     if start_epoch:
-        tqdm.write(f"resuming after epoch {start_epoch}", file=err)
+        progress_write(f"resuming after epoch {start_epoch}")
     if s.open_ds is not None:
         held = f" (held-out classes {list(cfg.open_classes)})" if cfg.open_classes else ""
-        tqdm.write(f"open set: {len(s.open_ds)} unknown samples{held}, rejected below the reachability "
-                   + (f"{cfg.open_threshold}" if cfg.open_threshold is not None else
-                      f"accepting {100 * cfg.open_accept:g}% of the known test samples"), file=err)
+        progress_write(f"open set: {len(s.open_ds)} unknown samples{held}, rejected below the reachability "
+                       + (f"{cfg.open_threshold}" if cfg.open_threshold is not None else
+                          f"accepting {100 * cfg.open_accept:g}% of the known test samples"))

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -49,12 +48,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from tqdm import tqdm
 
 from cmw_transfer.atomic import write_json
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.log import METRICS_NAME, MetricsLog, strict_json
 from cmw_transfer.metrics.loggers import EpochLogger, create_loggers
+from cmw_transfer.progress import progress_bar, progress_write
 from cmw_transfer.trainer.checkpoint import (
     CHECKPOINT_NAME,
     check_structure,
@@ -260,9 +259,9 @@ class Engine:
         stage.seed_epoch(epoch)
         loader = stage.train_loader()
         loader.set_epoch(epoch)
-        bar = tqdm(total=len(loader) * stage.batch_size * ctx.world_size, unit="img", unit_scale=True, leave=False,
-                   desc=f"epoch {label}/{stage.total_epochs() - 1 + stage.first_epoch}{note}",
-                   disable=not (ctx.is_main and stage.progress and sys.stderr.isatty()), dynamic_ncols=True)
+        bar = progress_bar(total=len(loader) * stage.batch_size * ctx.world_size, unit="img", unit_scale=True,
+                           leave=False, desc=f"epoch {label}/{stage.total_epochs() - 1 + stage.first_epoch}{note}",
+                           enabled=ctx.is_main and stage.progress)
         t0 = time.perf_counter()
         try:
             for step, batch in enumerate(loader):
@@ -287,7 +286,7 @@ class Engine:
                 logger.log(row)
             line = stage.epoch_line(row)
             if line:
-                tqdm.write(line, file=sys.stderr)
+                progress_write(line)
             save_checkpoint(stage.out / CHECKPOINT_NAME, {"fingerprint": stage.fingerprint(), "epoch": label,
                                                           "first_epoch": stage.first_epoch,
                                                           "identity": stage.identity(), **stage.state_dict()})
@@ -301,7 +300,7 @@ class Engine:
         if self._signal is not None:
             exc = Interrupted(self._signal, self.stage.out, self._last_label)
             if self.stage.ctx.is_main:  # the CLI reports a KeyboardInterrupt as a bare "aborted"
-                tqdm.write(f"interrupted by {exc}", file=sys.stderr)
+                progress_write(f"interrupted by {exc}")
             raise exc
 
     @contextmanager
