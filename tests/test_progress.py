@@ -14,7 +14,7 @@ import termios
 from tests.helpers import run_cli
 
 TINY_METATRAIN = ["metatrain", "--src", "digits-pmd", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
-                  "--batch-size", "128"]
+                  "--threads", "1", "--batch-size", "128"]
 
 
 def _env() -> dict[str, str]:

@@ -39,7 +39,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "normalization": (click.Choice(["batch", "sum", "none"]), "Weight normalisation: w/B (default), w/sum(w), none."),
     "actual_step": (click.Choice(["reuse", "updated"]), "Real step with the net before (reuse, one backward "
                     "fewer) or after (updated, the paper's order) its meta update."),
-    "warmup_epochs": (opt.WARMUP, "Plain cross-entropy epochs before meta-learning starts."),
+    "warmup_epochs": (opt.WARMUP, "Plain cross-entropy epochs before meta-learning starts (the paper's warm-up, "
+                      "not timm's lr warm-up)."),
     "hidden_size": (opt.HIDDEN, "Hidden units of the weighting net."),
     "ema_decay": (opt.UNIT_OPEN, "EMA teacher decay (lowest-loss meta sets, soft labels)."),
     "mixup_alpha": (opt.NON_NEGATIVE, "Mixup Beta(a, a) for cmwnet-sl (0 disables)."),
@@ -80,11 +81,13 @@ def _apply_options(command):
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's run.json; options given on the "
                    "command line override it.")
+@click.option("--threads", type=opt.bounded_int(1, 1024), default=None,
+              help="torch threads.  [default: OMP_NUM_THREADS, else the CPUs of this process]")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object (the only output "
                                                       "on stdout).")
 def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, overwrite: bool, config_file: str | None,
-                  quiet: bool, as_json: bool, **options) -> None:
+                  threads: int | None, quiet: bool, as_json: bool, **options) -> None:
     """Meta-train a CMW-Net / MW-Net / CMW-Net-SL weighting net; defaults follow the source's recipe.
 
     --method advisor trains an advisor network (MFRW / MES) instead: its output is the trained classifier
@@ -94,8 +97,10 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     Prints a one-line result on stdout (--json: the summary as one JSON object); per-epoch lines, warnings and
     the progress bar go to stderr. Epochs count from 1, as in apply.
     """
+    from cmw_transfer.runtime import configure_threads
     from cmw_transfer.trainer.registry import create_trainer
 
+    configure_threads(threads, 1)  # one process
     config_cls, stage = MetaTrainConfig, None
     if options.get("method") == "curvenet":
         from cmw_transfer.trainer.curvenet import CURVENET_RECIPE, CurveNetConfig

@@ -47,15 +47,21 @@ def _options(command):
 @_options
 @click.option("--resume", is_flag=True, help="Continue the probe in --out from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that already holds a probe.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="torch threads per process.  [default: OMP_NUM_THREADS, else CPUs / processes on this machine]")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
-def probe_cmd(dataset: str, out: str, resume: bool, overwrite: bool, quiet: bool, **options) -> None:
+def probe_cmd(dataset: str, out: str, resume: bool, overwrite: bool, threads: int | None, quiet: bool,
+              **options) -> None:
     """Train plainly under CurveNet's cyclical lr and record each sample's loss every epoch.
 
     The curves feed metatrain --method curvenet --curves OUT, or apply --weights CURVENET --curves OUT. Under
     torchrun every rank writes its shard's rows. Prints the summary as one JSON object on stdout.
     """
     from cmw_transfer.dataset import resolve_source
+    from cmw_transfer.runtime import configure_threads, local_world_size
     from cmw_transfer.trainer.probe import PROBE_RECIPES, ProbeConfig, run_probe
+
+    configure_threads(threads, local_world_size())  # per rank under torchrun
 
     values = {f.name: f.default for f in fields(ProbeConfig)}
     try:
