@@ -41,14 +41,18 @@ def test_two_gloo_processes_agree_and_only_rank0_writes(tmp_path, weights_dir):
     out = tmp_path / "ddp"
     proc = _apply("--nproc", "2", "--weights", str(weights_dir), "--dataset", "digits", "--imbalance", "10",
                   "--noise", "asym:0.4", "--model", MODEL, "--epochs", "1", "--batch-size", "32", "--workers", "0",
-                  "--soft-labels", "--warmup-epochs", "0", "--device", "cpu", "--out", str(out), "--json")
+                  "--soft-labels", "--warmup-epochs", "0", "--device", "cpu", "--out", str(out), "--json",
+                  "--log", "tensorboard,csv")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by rank 0
     assert proc.stdout.count('"world_size": 2') == 1 and summary["world_size"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "classifier.safetensors",  # no stray temps
                                                      "classifier_best.safetensors", "config.json", "families.json",
-                                                     "metrics.jsonl", "summary.json", "training.png"]
+                                                     "metrics.csv", "metrics.jsonl", "summary.json", "tensorboard",
+                                                     "training.png"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one writer
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # header + the epoch, from rank 0 only
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: rank 0's
     fam = json.loads((out / "families.json").read_text())
     assert len(fam["rank_digests"]) == 2 and len(set(fam["rank_digests"])) == 1 and fam["ranks_agree"]
 

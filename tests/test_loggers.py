@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -89,10 +91,17 @@ def test_csv_and_tensorboard_match_metrics_jsonl_after_a_crash_between_the_log_a
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
-def test_overwrite_replaces_the_loggers_files(tmp_path, capsys):
+def test_overwrite_replaces_the_loggers_files_which_respect_the_umask(tmp_path, capsys):
     out = tmp_path / "run"
     args = [*tiny_apply(1), "--out", str(out)]
-    assert call_main([*args, "--log", "csv,tensorboard"], capsys)[0] == 0
+    saved = os.umask(0o022)
+    try:
+        assert call_main([*args, "--log", "csv,tensorboard"], capsys)[0] == 0
+    finally:
+        os.umask(saved)
+    logged = [out / "metrics.csv", out / "tensorboard", *(out / "tensorboard").iterdir()]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) & 0o777 for p in logged} == \
+        {p.name: 0o755 if p.is_dir() else 0o644 for p in logged}
     code, _, err = call_main([*args, "--log", "csv"], capsys)
     assert code == 2 and "--resume" in err  # a run is there
     assert call_main([*args, "--log", "csv,tensorboard", "--overwrite"], capsys)[0] == 0
