@@ -24,8 +24,6 @@ from cmw_transfer.cli.options import (
     FRACTION,
     IMBALANCE,
     IMG_SIZE,
-    LOG_HELP,
-    LOGGERS,
     LR,
     NON_NEGATIVE,
     NPROC,
@@ -37,6 +35,7 @@ from cmw_transfer.cli.options import (
     WEIGHT_DECAY,
     WORKERS,
     bounded_int,
+    log_option,
 )
 from cmw_transfer.errors import UserError
 
@@ -61,9 +60,9 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
         elif param.multiple:
             for item in value or ():
                 args += [param.opts[0], str(item)]
-        elif isinstance(value, tuple):  # a comma-separated list (--log)
+        elif isinstance(value, tuple):  # a comma-separated list: --log, spelt --loggers (see options.log_option)
             if value:
-                args += [param.opts[0], ",".join(map(str, value))]
+                args += [param.opts[-1], ",".join(map(str, value))]
         elif value is not None:
             args += [param.opts[0], str(value)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -212,7 +211,7 @@ def _preflight(cfg: ApplyConfig) -> None:
               help="Reject as unknown below this reachability.  [default: accept --open-accept of known test]")
 @click.option("--open-accept", type=FRACTION, default=0.95, show_default=True,
               help="Without --open-threshold: the fraction of known test samples the threshold accepts.")
-@click.option("--log", "log", type=LOGGERS, default="", help=LOG_HELP)
+@log_option(default="")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's config.json; options given on "

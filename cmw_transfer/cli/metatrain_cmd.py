@@ -48,7 +48,6 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "device": (opt.DEVICE, "auto, cpu, cuda or cuda:N."),
     "workers": (opt.WORKERS, "DataLoader worker processes."),
     "eval_dataset": (str, "Test set of the classifier (required for list:/folder: sources, which have none)."),
-    "log": (opt.LOGGERS, opt.LOG_HELP),
 }
 # --method curvenet only (docs/curvenet.md)
 CURVENET_OPTIONS: dict[str, tuple[Any, str]] = {
@@ -81,6 +80,7 @@ def _apply_options(command):
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's run.json; options given on the "
                    "command line override it.")
+@opt.log_option(default=None)
 @click.option("--threads", type=opt.bounded_int(1, 1024), default=None,
               help="torch threads.  [default: OMP_NUM_THREADS, else the CPUs of this process]")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")

@@ -115,7 +115,14 @@ class LoggersType(click.ParamType):
 
 
 LOG_HELP = ("Loggers beside metrics.jsonl, comma-separated: csv (metrics.csv, one row per epoch) and/or "
-            "tensorboard (event files in OUT/tensorboard; pip install 'cmw-transfer[tensorboard]').")
+            "tensorboard (event files in OUT/tensorboard; pip install 'cmw-transfer[tensorboard]'). Under torchrun "
+            "spell it --loggers (torchrun reads --log as its own --log-dir).")
+
+
+def log_option(default: str | None) -> Callable[[Any], Any]:
+    """``--log`` / ``--loggers``: the second spelling passes through torchrun, whose argument parser takes ``--log``
+    for an ambiguous abbreviation of its ``--log-dir`` / ``--logs-specs`` (the ``--nproc`` relaunch uses it)."""
+    return click.option("--log", "--loggers", "log", type=LOGGERS, default=default, help=LOG_HELP)
 
 
 # -- the types the commands use ----------------------------------------------------------------------------------

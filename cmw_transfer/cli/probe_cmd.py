@@ -8,10 +8,10 @@ from dataclasses import fields
 
 import click
 
-from cmw_transfer.cli.options import LOG_HELP, LOGGERS
+from cmw_transfer.cli.options import log_option
 
 # option name -> (type, help); defaults come from the dataset's probe recipe, then from ProbeConfig
-OPTIONS: dict[str, tuple[object, str]] = {
+OPTIONS: dict[str, tuple[type, str]] = {
     "data_root": (str, "Root folder of the dataset's files."),
     "noise": (str, "Inject label noise, e.g. sym:0.4 (the same as the later metatrain/apply run)."),
     "imbalance": (float, "Long-tail imbalance factor to inject (the same as the later run)."),
@@ -30,7 +30,6 @@ OPTIONS: dict[str, tuple[object, str]] = {
     "seed": (int, "Seed of the run and of the injected bias (use the later run's seed)."),
     "workers": (int, "DataLoader worker processes."),
     "device": (str, "auto, cpu, cuda or cuda:N (torchrun: LOCAL_RANK)."),
-    "log": (LOGGERS, LOG_HELP),
 }
 
 
@@ -47,6 +46,7 @@ def _options(command):
 @_options
 @click.option("--resume", is_flag=True, help="Continue the probe in --out from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that already holds a probe.")
+@log_option(default=None)
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch threads per process.  [default: OMP_NUM_THREADS, else CPUs / processes on this machine]")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
