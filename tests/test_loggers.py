@@ -110,7 +110,7 @@ def test_overwrite_replaces_the_loggers_files_which_respect_the_umask(tmp_path, 
     _assert_csv_mirrors_jsonl(out)
 
 
-def test_metatrain_logs_csv_from_epoch_1(tmp_path, capsys):
+def test_metatrain_json_and_csv_count_epochs_from_1(tmp_path, capsys):
     out = tmp_path / "net"
     code, stdout, err = call_main(["metatrain", "--src", "digits-pmd", "--epochs", "2", "--warmup-epochs", "1",
                                    "--workers", "0", "--out", str(out), "--log", "csv", "--json"], capsys)
@@ -118,7 +118,8 @@ def test_metatrain_logs_csv_from_epoch_1(tmp_path, capsys):
     assert [r["epoch"] for r in _jsonl(out)] == [1, 2]
     _assert_csv_mirrors_jsonl(out)
     assert json.loads((out / "run.json").read_text())["log"] == ["csv"]
-    assert json.loads(stdout)["final"]["epoch"] == 2
+    assert json.loads(stdout)["final"]["epoch"] == 2  # stdout: exactly one JSON document
+    assert "epoch=1 " in err and "epoch=2 " in err and "\r" not in err  # the epoch lines: stderr, no bar frames
 
 
 @pytest.mark.parametrize("command", [
