@@ -52,8 +52,7 @@ class MetricsLog:
         ``relabel`` is added to the kept rows' epochs (a log that counted from another origin)."""
         self.path = Path(path)
         kept = [] if resume_from_epoch is None else \
-            [row for row in map(lambda r: _relabelled(r, relabel), self.read())
-             if row.get("epoch", -1) < resume_from_epoch]
+            [row for row in (_relabelled(r, relabel) for r in self.read()) if row.get("epoch", -1) < resume_from_epoch]
         try:
             write_text(self.path, "".join(dumps_row(r) + "\n" for r in kept))
         except OSError as exc:
