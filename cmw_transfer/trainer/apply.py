@@ -126,7 +126,10 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
     if net is not None and cfg.families is not None and cfg.families != net.num_heads:
         target_families(net, np.zeros(0), cfg.families)  # raises the K mismatch before data is loaded
 
-    train_ds, eval_sets = load_datasets(cfg)
+    with warnings.catch_warnings():
+        if not ctx.is_main:  # the empty-classes warning once, not once per rank
+            warnings.simplefilter("ignore")
+        train_ds, eval_sets = load_datasets(cfg)
     open_ds = None
     if cfg.open_classes or cfg.open_dataset or cfg.dataset.strip() == "imagenet-lt":
         train_ds, eval_sets, open_ds = prepare_open_set(cfg, train_ds, eval_sets)
@@ -211,6 +214,7 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
     state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint()) if cfg.resume else None
     ctx = DistributedContext.from_env(cfg.device)
     try:
+        check_memory(cfg, ctx.device)  # before any data is loaded
         engine = Engine(create_trainer(cfg.trainer, build_setup(cfg, ctx)), resume=cfg.resume,
                         overwrite=cfg.overwrite)
         if state is not None:
@@ -218,6 +222,20 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
         return engine.run()
     finally:
         ctx.teardown()
+
+
+def check_memory(cfg: ApplyConfig, device: torch.device) -> None:
+    """Refuse a step that cannot fit in memory (:mod:`cmw_transfer.trainer.memory`); CPU ranks of one machine
+    share its memory."""
+    from cmw_transfer.models import create_model
+    from cmw_transfer.trainer.memory import check_step_fits, planned_geometry
+
+    geometry = planned_geometry(cfg.dataset, cfg.img_size)
+    if geometry is None:
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    check_step_fits(lambda: create_model(cfg.model, num_classes=2, in_chans=geometry[0], img_size=cfg.img_size),
+                    cfg.model, geometry, cfg.batch_size, device, processes=processes, half_precision=cfg.amp)
 
 
 # -- the stage ----------------------------------------------------------------------------------------------------
