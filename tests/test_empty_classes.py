@@ -123,6 +123,7 @@ def test_apply_warns_once_and_trains_on_a_list_with_empty_classes(webvision_with
     summary = _strict((out / "summary.json").read_text())
     per_class = summary["test_per_class_top1"]
     assert per_class[VAL_MISSING] is None and all(v is not None for c, v in enumerate(per_class) if c != VAL_MISSING)
+    assert summary["worst_class"]["class"] not in EMPTY  # never-seen classes are not "the worst class"
     final = summary["final"]
     assert final["test_n"] == 49  # the val list: 50 classes less class 5
     assert final["test_many_n"] + final["test_medium_n"] + final["test_few_n"] == 49 - len(EMPTY)

@@ -501,8 +501,9 @@ class ERMTrainer(Stage):
         per_class = self.per_class.get("test")
         if per_class:
             summary["test_per_class_top1"] = per_class
-            scored = [(acc, c) for c, acc in enumerate(per_class) if acc is not None]
-            acc, worst = min(scored)
+            trained = self.s.counts > 0  # a class without training samples is never learnt: not the news
+            scored = [(acc, c) for c, acc in enumerate(per_class) if acc is not None and trained[c]]
+            acc, worst = min(scored or [(acc, c) for c, acc in enumerate(per_class) if acc is not None])
             summary["worst_class"] = {"class": worst, "top1": acc}
             if self.ctx.is_main and self.progress:
                 tqdm.write(f"worst class: {worst} at {acc:.1f}% test top-1", file=sys.stderr)
