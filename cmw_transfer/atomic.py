@@ -35,8 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as exc:  # a full disk, a read-only mount, torch.save's writer failing
-        if isinstance(exc, RuntimeError) and not is_stream_write_failure(exc):
+    except Exception as exc:  # a full disk, a read-only mount, torch.save's or safetensors' writer failing
+        if not isinstance(exc, OSError) and not is_stream_write_failure(exc):
             raise
         raise write_error(path, exc) from None
     finally:

@@ -39,16 +39,21 @@ class FocalWeighting(nn.Module):
 
 
 class ClassBalancedWeighting(nn.Module):
-    """Class-balanced loss (Cui et al. 2019): ``w_c = (1 - beta) / (1 - beta^n_c)``, rescaled to mean 1 per class."""
+    """Class-balanced loss (Cui et al. 2019): ``w_c = (1 - beta) / (1 - beta^n_c)``, rescaled to mean 1 per class.
+
+    A class without samples (never a target) keeps the weight of a one-sample class and is left out of the mean.
+    """
 
     def __init__(self, class_counts: Sequence[int] | np.ndarray, beta: float = 0.999,
                  normalization: str = "batch") -> None:
         super().__init__()
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"class-balanced beta must be in [0, 1), got {beta}")
-        counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+        raw = np.asarray(class_counts, dtype=np.float64)
+        counts = np.maximum(raw, 1.0)
         per_class = (1.0 - beta) / (1.0 - np.power(beta, counts)) if beta > 0 else np.ones_like(counts)
-        per_class = per_class * counts.size / per_class.sum()
+        present = raw > 0 if (raw > 0).any() else np.ones_like(raw, dtype=bool)
+        per_class = per_class * present.sum() / per_class[present].sum()  # mean 1 over the classes with samples
         self.normalization = normalization
         self.register_buffer("class_weight", torch.as_tensor(per_class, dtype=torch.float32))
 

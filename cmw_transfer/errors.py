@@ -30,8 +30,11 @@ def is_environment_error(exc: BaseException) -> bool:
 
 
 def is_stream_write_failure(exc: BaseException) -> bool:
-    """torch.save's C++ writer reports a failed write (ENOSPC, EIO) as a RuntimeError without an errno."""
+    """torch.save's C++ writer and safetensors' Rust serializer report a failed write (ENOSPC, EIO) without an
+    errno: a RuntimeError naming the stream writer, a ``SafetensorError`` with an "I/O error"."""
     text = str(exc)
+    if type(exc).__name__ == "SafetensorError":
+        return "I/O error" in text
     return isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)
 
 

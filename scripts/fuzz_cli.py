@@ -44,6 +44,7 @@ class Case:
     args: tuple[str, ...]
     expect: str = "error"  # "error": exit 2 + one error line; "ok": exit 0
     match: str = ""  # must appear in the error line ("error") or in stdout ("ok")
+    warn: str = ""  # must appear in a "warning: " line on stderr
     forbid: tuple[str, ...] = ()  # must not appear in stdout or stderr
     fast: bool = False  # in the --fast subset
     item: str = ""  # where the case comes from (issue item), for the report
@@ -84,6 +85,16 @@ CATALOGUE: tuple[Case, ...] = (
     _opt("--meta-interval", "0", cmd="metatrain"), _opt("--epochs", "0", cmd="metatrain"),
     _opt("--seed", str(2**64), cmd="data"), _opt("--imbalance", "inf", cmd="data"),
     _opt("--families", str(10**12), fast=True, cmd="data"),
+    # -- a step that cannot fit in memory: refused before any data is read (item 10)
+    Case("apply-step-cannot-fit", _apply("--model", "resnet50", "--img-size", "1024", "--batch-size", "65536"),
+         match="one training step of resnet50 at 3x1024x1024", fast=True, item="10"),
+    Case("apply-step-cannot-fit-list-unread", _apply("--dataset", "list:{ws}/nope.txt", "--eval-dataset",
+                                                     "list:{ws}/nope.txt", "--model", "resnet50", "--img-size",
+                                                     "1024", "--batch-size", "65536"),
+         match="--batch-size", item="10"),
+    Case("metatrain-step-cannot-fit", (*TINY_METATRAIN, "--out", "{ws}/runs/{case}", "--src", "list:{ws}/nope.txt",
+                                       "--eval-dataset", "list:{ws}/nope.txt", "--model", "resnet50",
+                                       "--batch-size", "65536"), match="with 65636 samples", item="10"),
     # -- --nproc 2: the error once, last, exit 2, before any worker starts (item 8)
     Case("apply--nproc2--lr=nan", _apply("--nproc", "2", "--lr", "nan"), match="'--lr'", fast=True, item="8"),
     Case("apply--nproc2-unknown-dataset", (*_apply("--nproc", "2")[:2], "nope", *_apply("--nproc", "2")[3:]),
@@ -109,6 +120,21 @@ CATALOGUE: tuple[Case, ...] = (
          match='"num_samples": 2', fast=True, item="17"),
     Case("data-webvision-empty-classes", ("data", "--dataset", "webvision-full", "--data-dir", "{ws}/webvision"),
          expect="ok", match="empty:       2 of 1000 classes have no samples (class 3, 17)", fast=True, item="18"),
+    Case("apply-webvision-empty-classes", (*_apply("--weights", "{ws}/nets/good", "--img-size", "16")[:2],
+                                           "mini-webvision", *_apply("--weights", "{ws}/nets/good",
+                                                                     "--img-size", "16")[3:],
+                                           "--data-dir", "{ws}/webvision", "--weighting", "cmw"),
+         expect="ok", match="done: ", warn="2 of 50 classes have no samples (class 3, 17)", item="18"),
+    Case("metatrain-webvision-empty-classes", (*TINY_METATRAIN[:2], "mini-webvision", *TINY_METATRAIN[3:],
+                                               "--data-dir", "{ws}/webvision", "--meta-set", "lowest-loss:1",
+                                               "--batch-size", "16", "--meta-batch-size", "16",
+                                               "--out", "{ws}/runs/{case}"),
+         expect="ok", match='"loss_range"', warn="2 of 50 classes have no samples (class 3, 17)", item="18",
+         timeout=600),  # file images go through timm's 224-px transform: the slowest case
+    Case("apply-list-bad-label", _apply("--dataset", "list:{ws}/lists/no_label.txt", "--eval-dataset",
+                                        "list:{ws}/lists/no_label.txt"), match="malformed", fast=True, item="18"),
+    Case("apply-list-huge-label", _apply("--dataset", "list:{ws}/lists/huge_label.txt", "--eval-dataset",
+                                         "list:{ws}/lists/huge_label.txt"), match="out of range", item="18"),
     Case("data-list-control-chars-in-line", ("data", "--dataset", "list:{ws}/lists/ansi_line.txt"),
          match="malformed", forbid=("\x1b",), item="15"),
     # -- unwritable or full outputs (item 11)
@@ -166,12 +192,20 @@ def _write_lists(folder: Path) -> None:
 
 
 def _write_webvision(root: Path, empty: tuple[int, ...] = (3, 17)) -> None:
-    """A WebVision 1.0 layout whose 1,000-class lists leave ``empty`` classes without a line."""
+    """A WebVision 1.0 layout whose 1,000-class lists leave ``empty`` classes without a line; the images of
+    mini-webvision's 50 classes exist (8x8 PNGs), so a tiny run can train on it."""
+    from PIL import Image
+
     (root / "info").mkdir(parents=True)
-    lines = [f"google/q{c:04d}/{k}.jpg {c}" for c in range(1000) if c not in empty for k in range(2)]
-    (root / "info" / "train_filelist_google.txt").write_text("\n".join(lines) + "\n")
+    rows = [(f"google/q{c:04d}/{k}.jpg", c) for c in range(1000) if c not in empty for k in range(2)]
+    (root / "info" / "train_filelist_google.txt").write_text("".join(f"{p} {c}\n" for p, c in rows))
     (root / "info" / "train_filelist_flickr.txt").write_text("flickr/q0000/0.jpg 0\n")
     (root / "info" / "val_filelist.txt").write_text("".join(f"{c}.jpg {c}\n" for c in range(1000)))
+    images = [(root / p, c) for p, c in rows if c < 50] + [(root / "val_images_256" / f"{c}.jpg", c)
+                                                           for c in range(50)]
+    for path, c in images:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (5 * c, 255 - 5 * c, 128)).save(path, format="PNG")
 
 
 def _rewrite_config(weights: Path, edit) -> None:
@@ -276,6 +310,8 @@ def judge(case: Case, rc: int, out: str, err: str) -> str:
             return f"output contains {text!r}"
     if "Traceback" in err or "this is a bug" in err:
         return f"exit {rc} with a traceback / 'bug' line"
+    if case.warn and not any(line.startswith("warning: ") and case.warn in line for line in lines):
+        return f"no warning line with {case.warn!r}"
     if case.expect == "ok":
         if rc != 0:
             return f"exit {rc}, expected 0 ({lines[-1] if lines else 'no stderr'})"

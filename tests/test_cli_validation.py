@@ -205,6 +205,21 @@ def test_torch_save_failure_is_a_write_error(tmp_path, monkeypatch):
     assert not target.exists() and not list(tmp_path.iterdir())
 
 
+def test_safetensors_write_failure_is_a_write_error(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    target = tmp_path / "model.safetensors"
+    failure = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", _raise(failure))
+    with pytest.raises(UserError, match=rf"cannot write {target}: .*No space left on device"):
+        with atomic_path(target) as tmp:
+            safetensors.torch.save_file({"x": torch.zeros(1)}, tmp)
+    assert not target.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(SafetensorError, match="header too large"), atomic_path(tmp_path / "y") as _:
+        raise SafetensorError("header too large")  # not a write failure: a bug stays a bug
+
+
 def test_other_runtime_errors_are_not_mistaken_for_write_errors(tmp_path):
     with pytest.raises(RuntimeError, match="a real bug"), atomic_path(tmp_path / "x") as _:
         raise RuntimeError("a real bug")

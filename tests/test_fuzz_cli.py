@@ -37,6 +37,9 @@ def test_judge_accepts_only_one_error_line_and_exit_2(fuzz):
     ok = fuzz.Case("z", ("inspect",), expect="ok", match="\\x1b", forbid=("\x1b",))
     assert fuzz.judge(ok, 0, "source: \\x1b[2J\n", "") == ""
     assert "contains" in fuzz.judge(ok, 0, "source: \x1b[2J\n", "")
+    warned = fuzz.Case("w", ("apply",), expect="ok", match="done", warn="classes have no samples")
+    assert fuzz.judge(warned, 0, "done\n", "warning: 2 of 50 classes have no samples (class 3, 17)\n") == ""
+    assert "no warning line" in fuzz.judge(warned, 0, "done\n", "")
 
 
 def test_catalogue_ids_are_unique_and_fast_subset_is_small(fuzz):

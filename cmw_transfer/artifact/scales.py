@@ -142,12 +142,24 @@ def fit_families(
     k-means, then adjacent families closer than ``min_gap`` (relative) merged (module docstring). When fewer
     than ``k`` families remain they take spread head ranks, with a :class:`DegenerateScalesWarning`; the
     returned family of a class is then its head.
+
+    Classes with no sample (a count of 0) have no size: the families are fitted on the other classes only, and
+    an empty class is given the head of the smallest family present, so it adds no head the data does not use
+    (it never occurs in training; the entry only keeps the class -> head map total).
     """
+    counts = _as_counts(class_counts)
+    present = counts > 0
+    if not present.all():
+        if not present.any():
+            raise ValueError("every class has a count of 0: no class size to fit families on")
+        centers, present_family = fit_families(counts[present], k, min_gap=min_gap)
+        family = np.full(counts.size, int(present_family.min()), dtype=np.int64)
+        family[present] = present_family
+        return centers, family
     centers = fit_scale_centers(class_counts, k)
     family = assign_families(class_counts, centers)
     if k == 1:
         return centers, family
-    counts = _as_counts(class_counts)
     merged = merge_close_families(counts, family, min_gap)
     d = int(merged.max()) + 1
     if d == np.unique(family).size:

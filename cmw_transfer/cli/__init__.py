@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message() + hint, 2)
     except click.exceptions.ClickException as exc:  # e.g. click.FileError
         _fail(exc.format_message(), 2)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C / SIGTERM (KeyboardInterrupt) into Abort
+        _fail("interrupted" if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted", 130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -7,11 +7,17 @@ splits on the classes that have samples (:func:`nonempty_classes`); only a list 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from cmw_transfer.errors import UserError
 
 SHOWN_EMPTY = 10  # class ids named in a message before "..."
+
+
+class EmptyClassesWarning(UserWarning):
+    """A training or evaluation set leaves classes without samples; they are left out (see the module)."""
 
 
 def nonempty_classes(class_counts: np.ndarray) -> np.ndarray:
@@ -41,3 +47,13 @@ def check_no_empty_classes(labels: np.ndarray, num_classes: int, where: str, *, 
     if message:
         raise UserError(f"{where}: {message}; the list is incomplete or the labels are not numbered 0..C-1 "
                         "(cmw-transfer data reports such lists)")
+
+
+def warn_empty_classes(class_counts: np.ndarray, where: str, consequence: str) -> bool:
+    """One :class:`EmptyClassesWarning` naming how many and which classes of ``where`` are empty; True if any."""
+    message = describe_empty_classes(class_counts)
+    if message is None:
+        return False
+    hint = " (if the labels are numbered from 1, renumber them from 0)" if np.asarray(class_counts)[0] == 0 else ""
+    warnings.warn(f"{where}: {message}{hint}; {consequence}", EmptyClassesWarning, stacklevel=2)
+    return True

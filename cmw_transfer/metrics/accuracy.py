@@ -18,11 +18,19 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     return {k: hits[:, : min(k, kmax)].any(dim=1) for k in ks}
 
 
+def shot_masks(train_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Which classes are many (>100), medium (20-100) and few (1-19) shot, by training-set class size.
+
+    A class without training samples is in no split: "few" means seen a few times, not never seen.
+    """
+    counts = np.asarray(train_counts)
+    return {"many": counts > MANY_SHOT, "medium": (counts >= FEW_SHOT) & (counts <= MANY_SHOT),
+            "few": (counts < FEW_SHOT) & (counts > 0)}
+
+
 def shot_split_accuracy(correct: np.ndarray, targets: np.ndarray, train_counts: np.ndarray) -> dict[str, float]:
-    """Accuracy on many (>100), medium (20-100) and few (<20) shot classes, by training-set class size."""
-    counts = np.asarray(train_counts)[targets]
-    splits = {"many": counts > MANY_SHOT, "medium": (counts >= FEW_SHOT) & (counts <= MANY_SHOT),
-              "few": counts < FEW_SHOT}
+    """Accuracy on many (>100), medium (20-100) and few (1-19) shot classes (NaN: no sample of that split)."""
+    splits = {name: mask[targets] for name, mask in shot_masks(train_counts).items()}
     return {name: float(correct[mask].mean()) if mask.any() else float("nan") for name, mask in splits.items()}
 
 

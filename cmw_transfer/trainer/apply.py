@@ -125,7 +125,10 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
     if net is not None and cfg.families is not None and cfg.families != net.num_heads:
         target_families(net, np.zeros(0), cfg.families)  # raises the K mismatch before data is loaded
 
-    train_ds, eval_sets = load_datasets(cfg)
+    with warnings.catch_warnings():
+        if not ctx.is_main:  # the empty-classes warning once, not once per rank
+            warnings.simplefilter("ignore")
+        train_ds, eval_sets = load_datasets(cfg)
     open_ds = None
     if cfg.open_classes or cfg.open_dataset or cfg.dataset.strip() == "imagenet-lt":
         train_ds, eval_sets, open_ds = prepare_open_set(cfg, train_ds, eval_sets)
@@ -210,6 +213,7 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
     state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint()) if cfg.resume else None
     ctx = DistributedContext.from_env(cfg.device)
     try:
+        check_memory(cfg, ctx.device)  # before any data is loaded
         engine = Engine(create_trainer(cfg.trainer, build_setup(cfg, ctx)), resume=cfg.resume,
                         overwrite=cfg.overwrite)
         if state is not None:
@@ -217,6 +221,20 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
         return engine.run()
     finally:
         ctx.teardown()
+
+
+def check_memory(cfg: ApplyConfig, device: torch.device) -> None:
+    """Refuse a step that cannot fit in memory (:mod:`cmw_transfer.trainer.memory`); CPU ranks of one machine
+    share its memory."""
+    from cmw_transfer.models import create_model
+    from cmw_transfer.trainer.memory import check_step_fits, planned_geometry
+
+    geometry = planned_geometry(cfg.dataset, cfg.img_size)
+    if geometry is None:
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    check_step_fits(lambda: create_model(cfg.model, num_classes=2, in_chans=geometry[0], img_size=cfg.img_size),
+                    cfg.model, geometry, cfg.batch_size, device, processes=processes, half_precision=cfg.amp)
 
 
 # -- the stage ----------------------------------------------------------------------------------------------------
@@ -483,8 +501,9 @@ class ERMTrainer(Stage):
         per_class = self.per_class.get("test")
         if per_class:
             summary["test_per_class_top1"] = per_class
-            scored = [(acc, c) for c, acc in enumerate(per_class) if acc is not None]
-            acc, worst = min(scored)
+            trained = self.s.counts > 0  # a class without training samples is never learnt: not the news
+            scored = [(acc, c) for c, acc in enumerate(per_class) if acc is not None and trained[c]]
+            acc, worst = min(scored or [(acc, c) for c, acc in enumerate(per_class) if acc is not None])
             summary["worst_class"] = {"class": worst, "top1": acc}
             if self.ctx.is_main and self.progress:
                 progress_write(f"worst class: {worst} at {acc:.1f}% test top-1")

@@ -2,6 +2,10 @@
 
 A ``list:`` / ``folder:`` dataset has no test split of its own: both stages require an explicit evaluation set
 for it (``--eval-dataset``) rather than evaluating on the training files.
+
+Lists that leave classes without samples are trained on, not refused: one warning names the empty classes; they
+join no class-size family, no many/medium/few-shot split and no meta set, and an evaluation set's class without
+samples has a per-class accuracy of null. Only a malformed list (bad or out-of-range label, unreadable) is refused.
 """
 
 from __future__ import annotations
@@ -14,12 +18,23 @@ import torch
 
 from cmw_transfer.bias.apply import apply_bias
 from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
+from cmw_transfer.dataset.classes import warn_empty_classes
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
 from cmw_transfer.trainer.metasets import MetaSetSpec, check_class_sizes
 
 WEBVISION = ("webvision-full", "mini-webvision")  # evaluated on WebVision val; ILSVRC12 val via extra_eval
 FILE_SOURCES = ("list:", "folder:")
+TRAIN_EMPTY = "training goes on without them (they join no class-size family and no shot split)"
+EVAL_EMPTY = "their per-class accuracy is null"
+
+
+def warn_empty(train: LabeledDataset, evals: list[tuple[str, LabeledDataset]], spec: str) -> None:
+    """The one warning per set that leaves classes of the training set's 0..C-1 without samples."""
+    warn_empty_classes(train.class_counts(), spec, TRAIN_EMPTY)
+    for label, ds in evals:
+        warn_empty_classes(np.bincount(ds.targets, minlength=train.num_classes), f"evaluation set '{label}'",
+                           EVAL_EMPTY)
 
 
 def _train_transform(ds: Any, img_size: int | None) -> Any:
@@ -37,7 +52,8 @@ def load_datasets(cfg: ApplyConfig) -> tuple[Any, list[tuple[str, Any]]]:
     """Train split with the requested bias; the clean evaluation splits (test / WebVision val, ``extra_eval``)."""
     def make(name: str, root: str | None, split: str, **kwargs: Any) -> Any:
         try:
-            return create_dataset(name, root, split, seed=cfg.seed, strict=cfg.strict, **kwargs)
+            return create_dataset(name, root, split, seed=cfg.seed, strict=cfg.strict, allow_empty_classes=True,
+                                  **kwargs)
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise UserError(f"--data-dir: {exc}; download the data or point --data-dir at it") from None
 
@@ -70,6 +86,7 @@ def load_datasets(cfg: ApplyConfig) -> tuple[Any, list[tuple[str, Any]]]:
         if ds.num_classes > train.num_classes:
             raise UserError(f"evaluation set '{label}' has {ds.num_classes} classes but the training set has "
                             f"{train.num_classes}; its labels must use the training set's class indices")
+    warn_empty(train, evals, f"--dataset {cfg.dataset}")
     return train, evals
 
 
@@ -96,7 +113,7 @@ def load_source(cfg: MetaTrainConfig, spec: MetaSetSpec) -> SourceData:
     if base.startswith(FILE_SOURCES) and not cfg.eval_dataset:
         raise UserError(f"--src {cfg.src} has no built-in test split (metatrain would evaluate on its own training "
                         "files): add --eval-dataset list:VAL.txt or --eval-dataset folder:VAL_DIR")
-    clean = create_dataset(base, cfg.data_dir, "train")
+    clean = create_dataset(base, cfg.data_dir, "train", allow_empty_classes=True)
     clean_meta = None
     if spec.kind == "clean":
         check_class_sizes(clean.class_counts(), spec.per_class, "clean")
@@ -105,15 +122,16 @@ def load_source(cfg: MetaTrainConfig, spec: MetaSetSpec) -> SourceData:
     if spec.kind == "lowest-loss":
         check_class_sizes(train.class_counts(), spec.per_class, "lowest-loss")
     if cfg.eval_dataset:
-        test = create_dataset(cfg.eval_dataset, None, "test")
+        test = create_dataset(cfg.eval_dataset, None, "test", allow_empty_classes=True)
         if test.num_classes > train.num_classes:
             raise UserError(f"--eval-dataset has {test.num_classes} classes but the source has {train.num_classes}; "
                             "its labels must use the source's class indices")
-        return SourceData(train, test, clean_meta)
-    try:
-        test = create_dataset(base, cfg.data_dir, "test")
-    except UserError:
-        test = None
+    else:
+        try:
+            test = create_dataset(base, cfg.data_dir, "test", allow_empty_classes=True)
+        except UserError:
+            test = None
+    warn_empty(train, [("test", test)] if test is not None else [], f"--src {cfg.src}")
     return SourceData(train, test, clean_meta)
 
 

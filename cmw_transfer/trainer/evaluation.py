@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmw_transfer.metrics.accuracy import FEW_SHOT, MANY_SHOT, topk_correct
+from cmw_transfer.metrics.accuracy import shot_masks, topk_correct
 from cmw_transfer.trainer.common import DistributedContext
 
 
@@ -57,10 +57,7 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistributedContext, num
                            "per_class_top1": [round(100.0 * float(h / t), 4) if t else None
                                               for h, t in zip(hits[0], hits[2])]}
     if train_counts is not None:
-        counts = np.asarray(train_counts)
-        splits = {"many": counts > MANY_SHOT, "medium": (counts >= FEW_SHOT) & (counts <= MANY_SHOT),
-                  "few": counts < FEW_SHOT}
-        for name, mask in splits.items():
+        for name, mask in shot_masks(train_counts).items():
             n = hits[2][mask].sum()
             out[f"{name}_top1"] = 100.0 * float(hits[0][mask].sum() / n) if n else None
             out[f"{name}_n"] = int(n)

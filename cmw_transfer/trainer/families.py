@@ -17,7 +17,10 @@ RANGE_TOLERANCE = 0.01  # warn when more than 1% of the target's losses fall out
 
 
 def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None = None) -> dict[str, Any]:
-    """Meta-test re-clustering: target class counts -> K centers -> family of each class -> head of that rank."""
+    """Meta-test re-clustering: target class counts -> K centers -> family of each class -> head of that rank.
+
+    Classes without samples join no family (see :func:`fit_families`); ``classes_per_head`` counts the others.
+    """
     k = net.num_heads
     if requested is not None and requested != k:
         raise UserError(f"the weights have K={k} heads but --families {requested} was requested; drop --families "
@@ -40,7 +43,8 @@ def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None
         "centers": [float(c) for c in centers],
         "family_of_class": [int(f) for f in family],
         "head_of_class": [int(f) for f in family],  # head i = i-th smallest center, by construction
-        "classes_per_head": np.bincount(family, minlength=k).astype(int).tolist(),
+        "classes_per_head": np.bincount(family[counts > 0], minlength=k).astype(int).tolist(),
+        "empty_classes": np.flatnonzero(counts == 0).tolist(),  # no sample: fitted on none, smallest head used
         "source_centers": net.centers,
         "degenerate_rule": notes[0] if notes else None,
     }

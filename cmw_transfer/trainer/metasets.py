@@ -36,7 +36,9 @@ def parse_meta_set(text: str) -> MetaSetSpec:
 
 
 def check_class_sizes(counts: np.ndarray, per_class: int, what: str) -> None:
+    """Refuse a meta set that would take a class's every sample; classes without samples have no part in it."""
     small = np.flatnonzero(counts <= per_class) if what == "clean" else np.flatnonzero(counts < per_class)
+    small = small[counts[small] > 0]
     if small.size:
         need = "more than" if what == "clean" else "at least"
         raise UserError(f"--meta-set {what}:{per_class} needs {need} {per_class} samples in every class, but "

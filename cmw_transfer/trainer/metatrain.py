@@ -83,6 +83,7 @@ class MetaTrainer(Stage):
         self.log = tuple(cfg.log)
         self.meta_spec = parse_meta_set(cfg.meta_set)
         torch.manual_seed(cfg.seed)
+        self.check_memory()  # before any data is loaded
         self.data = load_source(cfg, self.meta_spec)
         train = self.data.train
         self.num_classes = train.num_classes
@@ -125,6 +126,17 @@ class MetaTrainer(Stage):
         self.engine = Engine(self, resume=resume, overwrite=overwrite)
         if resume:
             self.start_epoch = self.engine.restore()
+
+    def check_memory(self) -> None:
+        """Refuse a meta step that cannot fit (:mod:`cmw_transfer.trainer.memory`): the virtual step keeps the
+        training batch's graph while the meta batch goes forward, so both count."""
+        from cmw_transfer.trainer.memory import check_step_fits, planned_geometry
+
+        cfg = self.cfg
+        geometry = planned_geometry(cfg.src, None)
+        if geometry is not None:
+            check_step_fits(lambda: create_model(cfg.model, 2, geometry[0]), cfg.model, geometry, cfg.batch_size,
+                            self.device, extra_samples=cfg.meta_batch_size)
 
     def build_meta_model(self) -> tuple[Any, Any]:
         """The meta-model (in the ``wnet`` slot) and its objective; a stage extending this one overrides it (the

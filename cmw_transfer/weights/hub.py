@@ -75,9 +75,9 @@ def hub_errors_as_user_errors(spec: WeightsSpec, *, label: str | None = None, ac
                             "a token that has write access") from None
         raise UserError(f"{name}: the Hub answered {exc.__class__.__name__}: {_first_line(exc)}") from None
     except _transport_errors() as exc:
+        hint = "" if action == "push to" else " or set HF_HUB_OFFLINE=1 to use the cache"  # a push needs the Hub
         raise UserError(f"cannot {action} {name}: the Hub at {constants.ENDPOINT} cannot be reached "
-                        f"({_first_line(exc)}); check the network or set HF_HUB_OFFLINE=1 to use the cache") \
-            from None
+                        f"({_first_line(exc)}); check the network{hint}") from None
 
 
 def check_can_push(repo_id: str, token: str | bool | None = None) -> None:
