@@ -127,9 +127,11 @@ def load_cache(path: Path) -> dict[str, dict]:
 
 
 def goal_checks(results: dict[str, dict[str, list[float]]], noise: dict[str, float], settings: list[str],
-                transfers: list[str]) -> list[str]:
-    """Per cell and transferred net: >= ERM - spread, and >= ERM + 3 where the realised noise is >= 20%."""
-    lines = ["| cell | net | transfer - ERM | spread | not worse | +3 at >= 20% noise |", "|---|---|---|---|---|---|"]
+                transfers: list[str], details: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """Per cell and transferred net: >= ERM - spread, and >= ERM + 3 where the realised noise is >= 20%; with
+    what the transferred runs did (warm-up start epochs, mean applied weight, worst class's test top-1)."""
+    lines = ["| cell | net | transfer - ERM | spread | not worse | +3 at >= 20% noise | warm-up start | mean weight | "
+             "worst class top-1 |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in settings:
         erm = results[setting].get("erm", [])
         for method in transfers:
@@ -139,8 +141,14 @@ def goal_checks(results: dict[str, dict[str, list[float]]], noise: dict[str, flo
             diff = statistics.mean(got) - statistics.mean(erm)
             spread = max(statistics.stdev(got), statistics.stdev(erm))
             plus3 = ("yes" if diff >= 3 else "**no**") if noise[setting] >= 0.2 else "n/a"
+            runs = details.get((setting, method), [])
+            starts = sorted({r.get("warmup_start_epoch") for r in runs if r.get("warmup_start_epoch")})
+            weights = [r["mean_weight"] for r in runs if r.get("mean_weight") is not None]
+            worst = [r["worst_class"]["top1"] for r in runs if r.get("worst_class")]
             lines.append(f"| {setting} | {method} | {diff:+.1f} | {spread:.1f} | "
-                         f"{'yes' if diff >= -spread else '**no**'} | {plus3} |")
+                         f"{'yes' if diff >= -spread else '**no**'} | {plus3} | {', '.join(map(str, starts))} | "
+                         f"{statistics.mean(weights) if weights else float('nan'):.2f} | "
+                         f"{statistics.mean(worst) if worst else float('nan'):.1f} |")
     return lines
 
 
@@ -175,7 +183,8 @@ def run_matrix(args, settings: list[str], methods: list[str], seeds: list[int]) 
     print_table(results, settings, methods, lambda s: f"{s} ({100 * noise[s]:.1f}%)")
     print()
     transfers = [m for m in methods if m.partition("/floor=")[0] in DEFAULT_TRANSFERS]
-    print("\n".join(goal_checks(results, noise, settings, transfers)))
+    details = {(s, m): [done[run_key(m, s, seed, args)] for seed in seeds] for s in settings for m in transfers}
+    print("\n".join(goal_checks(results, noise, settings, transfers, details)))
     print()
     print_run_details(done, settings, transfers, seeds, args)
 
