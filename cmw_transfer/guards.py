@@ -11,8 +11,9 @@ guard here, shared by the CLI trainers and the plug-in ``CMWLoss``:
   would starve whole classes. :func:`lift_class_floor` raises every class's mean weight in a batch to at least
   ``floor`` times the batch mean by an increasing affine map of its weights (order inside the class kept);
   :class:`ClassWeightMonitor` reports classes that stay far below the others.
-* **Out of range.** :class:`LossRangeMonitor` counts the losses the net sees outside the range it was trained on,
-  only in epochs where it is applied, summed over DDP ranks; a net without a recorded range is "unchecked".
+* **Out of range.** :class:`LossRangeMonitor` counts the losses the net sees below and above the range it was
+  trained on, only in epochs where it is applied, summed over DDP ranks; a net without a recorded range is
+  "unchecked".
 
 All per-step work is on-device tensor arithmetic (bincount, comparisons): no host synchronisation per step.
 """
@@ -179,14 +180,19 @@ class ClassWeightMonitor:
 
 
 class LossRangeMonitor:
-    """Fraction of the losses the net sees outside the range it was meta-trained on; summed over ranks."""
+    """Fractions of the losses the net sees below and above the range it was meta-trained on; summed over ranks.
+
+    Both sides matter: above the source's maximum are harder samples than any the net saw, below its minimum
+    more confident ones (a target fitted further than the source ever was); either way the weights are
+    extrapolated.
+    """
 
     def __init__(self, loss_range: dict | None, device: torch.device | str = "cpu") -> None:
         self.low = self.high = None
         if loss_range:
             self.low = loss_range.get("min", loss_range.get("p1"))
             self.high = loss_range.get("max", loss_range.get("p99"))
-        self.stats = torch.zeros(2, dtype=torch.float64, device=device)  # outside, total
+        self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # below, above, total
 
     @property
     def checked(self) -> bool:
@@ -198,19 +204,28 @@ class LossRangeMonitor:
         losses = losses.detach()
         if self.stats.device != losses.device:
             self.stats = self.stats.to(losses.device)
-        outside = ((losses < self.low) | (losses > self.high)).sum()
-        self.stats += torch.stack([outside.double(), torch.tensor(float(losses.numel()), device=losses.device,
-                                                                  dtype=torch.float64)])
+        self.stats += torch.stack([(losses < self.low).sum().double(), (losses > self.high).sum().double(),
+                                   torch.tensor(float(losses.numel()), device=losses.device, dtype=torch.float64)])
 
     def report(self) -> dict:
-        """``{"loss_range_check": "unchecked"}`` or the fraction outside (reduced over ranks), then reset."""
+        """``{"loss_range_check": "unchecked"}`` or the fractions outside (reduced over ranks), then reset:
+        ``frac_outside_range`` = ``frac_below_range`` + ``frac_above_range``."""
         if not self.checked:
             return {"loss_range_check": "unchecked"}
         stats = self.stats.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
         self.stats.zero_()
-        outside, total = stats.tolist()
+        below, above, total = stats.tolist()
         if not total:
             return {}
-        return {"loss_range_check": "checked", "frac_outside_range": outside / total}
+        return {"loss_range_check": "checked", "frac_outside_range": (below + above) / total,
+                "frac_below_range": below / total, "frac_above_range": above / total}
+
+
+def describe_range_sides(report: dict) -> str:
+    """Which side of the source range the losses left, for a warning: "12.0% above its max, 1.5% below its min"."""
+    parts = [f"{100 * report[key]:.1f}% {side}" for key, side in (("frac_above_range", "above its maximum"),
+                                                                  ("frac_below_range", "below its minimum"))
+             if report.get(key)]
+    return ", ".join(parts)

@@ -15,6 +15,7 @@ from cmw_transfer.guards import (
     ClassWeightMonitor,
     LossRangeMonitor,
     WarmupGate,
+    describe_range_sides,
     lift_class_floor,
     reference_weight,
 )
@@ -112,6 +113,20 @@ def test_loss_range_monitor_unchecked_without_range():
     mon = LossRangeMonitor({"min": 0.1, "max": 1.0})
     mon.observe(torch.tensor([0.05, 0.5, 0.7, 2.0]))
     assert mon.report()["frac_outside_range"] == pytest.approx(0.5)
+
+
+def test_loss_range_monitor_counts_both_sides_and_the_warning_names_them():
+    mon = LossRangeMonitor({"min": 0.1, "max": 1.0})
+    mon.observe(torch.tensor([0.001, 0.01, 0.05, 0.5, 0.1, 1.0]))  # three too confident, none too hard
+    mon.observe(torch.tensor([3.0, 0.5]))
+    report = mon.report()
+    assert report["frac_below_range"] == pytest.approx(3 / 8)
+    assert report["frac_above_range"] == pytest.approx(1 / 8)
+    assert report["frac_outside_range"] == pytest.approx(4 / 8)  # the bounds themselves are inside
+    assert describe_range_sides(report) == "12.5% above its maximum, 37.5% below its minimum"
+    mon.observe(torch.tensor([0.0, 0.0, 0.5, 0.5]))
+    below_only = mon.report()  # reset after each report: only this epoch's losses
+    assert below_only["frac_above_range"] == 0 and describe_range_sides(below_only) == "50.0% below its minimum"
 
 
 def _ddp_worker(rank, world, port, out):

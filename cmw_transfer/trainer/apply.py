@@ -31,7 +31,7 @@ from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.atomic import write_json
 from cmw_transfer.baselines import ClassBalancedWeighting, FocalWeighting
 from cmw_transfer.errors import UserError
-from cmw_transfer.guards import STARVED_FRACTION, WarmupGate, reference_weight
+from cmw_transfer.guards import STARVED_FRACTION, WarmupGate, describe_range_sides, reference_weight
 from cmw_transfer.progress import progress_write
 from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, state_digest
 from cmw_transfer.trainer.common import DistributedContext, create_optimizer_and_scheduler, derive_seed, make_loader
@@ -445,8 +445,8 @@ class ERMTrainer(Stage):
         if frac is not None and frac > RANGE_TOLERANCE:
             low, high = stepper.range_monitor.low, stepper.range_monitor.high
             self._warn_once("range", f"epoch {epoch + 1}: {100 * frac:.1f}% of the losses the net sees lie outside "
-                                     f"the loss range it was meta-trained on [{low:.3g}, {high:.3g}]; its weights "
-                                     "there are extrapolated")
+                                     f"the loss range it was meta-trained on [{low:.3g}, {high:.3g}] "
+                                     f"({describe_range_sides(out)}); its weights there are extrapolated")
         if out.get("loss_range_check") == "unchecked":
             self._warn_once("unchecked", "the net records no loss range: whether the target's losses are in its "
                                          "regime is unchecked")
