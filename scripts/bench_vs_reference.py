@@ -4,17 +4,16 @@ The authors' step (``tests/reference_official.py``): fresh model + ``load_state_
 create_graph=True)``, plain-SGD virtual update into the copy, meta CE, backward to the weighting net (their
 ``ACVNet`` with its per-sample head loop), Adam step, then a second forward and SGD step of the real model. The
 toolkit's: shared forward, exact meta-gradient (``meta_gradient``), net step, real step, in the default ``reuse``
-order and in the paper's ``updated`` order (same order as the authors'; the training forward is taped and the dual
-pass is tangent-only, as in the meta-train loop); also the paper's order with the recomputing dual forward
-(``exact-updated-recompute``), the default order with the reference ``torch.func.jvp`` (``exact-jvp``), a plain
-ERM step, and the **work floor** (train fwd+bwd + meta fwd+bwd + one plain forward). Option-A ResNet-32, 32x32,
-float32, CMW-Net with 3 heads.
+order and in the paper's ``updated`` order (same order as the authors'); also both orders with the reference
+``torch.func.jvp`` dual forward (``*-jvp``: the code before the fused one), a plain ERM step, and the **work floor**
+(train fwd+bwd + meta fwd+bwd + one plain forward). Option-A ResNet-32, 32x32, float32, CMW-Net with 3 heads.
 
 Every repeat runs every mode once (interleaved); the table gives medians, the speed-up of each toolkit mode over the
 authors' step, its ratio to the work floor, and CPU utilisation (process CPU time / (wall x threads)): repeats where
 the machine was busy with other work show up as utilisation well below 100%, and a second table repeats the
-medians over the quiet rounds only (every mode at >= ``--quiet-util``). Peak memory is measured per mode in a
-fresh process (CPU: RSS high-water mark above the steady state; CUDA: max_memory_allocated).
+medians over the quiet rounds only (every mode at >= ``--quiet-util``); a third gives medians of the process's own
+CPU time (with one thread, robust to other work sharing the cores, though not to cache contention). Peak memory is
+measured per mode in a fresh process (CPU: RSS high-water mark above the steady state; CUDA: max_memory_allocated).
 
     OMP_NUM_THREADS=1 python scripts/bench_vs_reference.py --threads 1 --repeats 9
 """
@@ -22,7 +21,6 @@ fresh process (CPU: RSS high-water mark above the steady state; CUDA: max_memory
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import os
@@ -41,13 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from cmw_transfer.artifact.net import CMWNet  # noqa: E402
 from cmw_transfer.models import create_model  # noqa: E402
-from cmw_transfer.trainer.dual_forward import ConvTape  # noqa: E402
 from cmw_transfer.trainer.metastep import VirtualStep, meta_gradient, virtual_names  # noqa: E402
 from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE  # noqa: E402
 from tests.reference_official import authors_net_like, official_iteration  # noqa: E402
 
 FAMILY = [2, 2, 1, 1, 1, 0, 0, 0, 0, 0]  # class -> head, the authors' list ``c``
-MODES = ("authors", "exact", "exact-jvp", "exact-updated", "exact-updated-recompute", "erm", "floor")
+MODES = ("authors", "exact", "exact-jvp", "exact-updated", "exact-updated-jvp", "erm", "floor")
 
 
 class Setup:
@@ -74,26 +71,21 @@ class Setup:
         return {"authors": self.authors_step, "exact": lambda: self.toolkit_step("reuse"),
                 "exact-jvp": lambda: self.toolkit_step("reuse", "jvp"),
                 "exact-updated": lambda: self.toolkit_step("updated"),
-                "exact-updated-recompute": lambda: self.toolkit_step("updated", tape=False),
+                "exact-updated-jvp": lambda: self.toolkit_step("updated", "jvp"),
                 "erm": self.erm_step, "floor": self.floor}[mode]
 
     def authors_step(self) -> None:
         official_iteration(self.build, self.model, self.authors, self.opt, self.aopt, self.x, self.y, FAMILY,
                            self.xm, self.ym)
 
-    def toolkit_step(self, order: str, derivatives: str = "auto", tape: bool = True) -> None:
-        """As the meta-train loop: in the paper's order the training forward is taped (tangent-only dual pass)."""
+    def toolkit_step(self, order: str, derivatives: str = "auto") -> None:
         objective, params = WeightedCE(), dict(self.model.named_parameters())
-        recorder = ConvTape(self.model)
-        with recorder if order == "updated" and tape else contextlib.nullcontext():
-            logits = self.model(self.x)
+        logits = self.model(self.x)
         terms = objective.terms(logits, self.batch)
         res = meta_gradient(self.model, self.wnet, params, dict(self.model.named_buffers()), self.batch, self.xm,
                             self.ym, objective, VirtualStep(self.opt.param_groups[0]["lr"]),
                             virtual_names(self.model, "exact"), train_out=(logits, terms),
-                            keep_graph=order == "updated", derivatives=derivatives,
-                            conv_outputs=recorder.outputs or None)
-        del recorder
+                            keep_graph=order == "updated", derivatives=derivatives)
         for n, p in self.wnet.named_parameters():
             p.grad = res.wnet_grads[n]
         self.wopt.step()
@@ -231,6 +223,14 @@ def main() -> None:
                   f"{qmed[mode] / qmed['floor']:.2f} | {qmed[mode] / qmed['erm']:.2f} |")
     else:
         print(f"no round had every mode at >= {100 * args.quiet_util:.0f}% CPU: the machine was busy throughout")
+    # the process's own CPU time: what the step costs when the cores are shared with other work (one thread)
+    cmed = {m: statistics.median(w * u * args.threads for w, u in times[m]) for m in MODES}
+    print("medians of process CPU time (robust to other work on the machine; meaningful with one thread)")
+    print("| mode | CPU ms (median) | authors / mode | mode / work floor | x ERM |")
+    print("|---|---|---|---|---|")
+    for mode in MODES:
+        print(f"| {mode} | {1000 * cmed[mode]:.1f} | {cmed['authors'] / cmed[mode]:.2f} | "
+              f"{cmed[mode] / cmed['floor']:.2f} | {cmed[mode] / cmed['erm']:.2f} |")
     print("per repeat (ms, CPU util):")
     for mode in MODES:
         print(f"  {mode:>18}: " + "  ".join(f"{1000 * w:.0f}/{100 * u:.0f}%" for w, u in times[mode]))

@@ -8,11 +8,12 @@ exact meta-iteration with its peak memory) next to the implementation, the fused
   itself runs with ``create_graph`` on weights ``u = c`` (so it still yields the actual step's gradient), and after
   the meta pass ``d = grad_u <grad_w sum_i u_i l_i, v>``. No second forward, but the first-order graph of the
   backward stays alive through the meta pass and its backward runs generic double-backward kernels.
-* ``tape``: the tangent-only pass (:class:`~cmw_transfer.trainer.dual_forward.ConvTape`, used by the toolkit in
-  the paper's order): forward hooks keep each convolution's output of the training forward; the dual pass skips
-  every primal convolution (BatchNorm / ReLU / add recompute their primal, elementwise) and runs only the fused
-  tangent conv. Costs the training batch's convolution outputs kept through the meta pass: free in the paper's
-  order (its kept graph holds them), extra memory in the default order.
+* ``tape``: a tangent-only pass. Forward hooks keep each convolution's output of the training forward
+  (:class:`ConvTape`); the dual pass skips every primal convolution (BatchNorm / ReLU / add recompute their primal,
+  elementwise) and runs only the fused tangent conv (:class:`ReplayTangents`). Costs the training batch's
+  convolution outputs kept through the meta pass: free in the paper's order (its kept graph holds them), extra
+  memory in the default order. It runs in the training forward's layout (NCHW), where the tangent convolutions
+  are slower than the fused pass's channels-last ones.
 
 Also :func:`conv_macs`, the multiply-accumulate count of a forward, which makes the floor of any exact forward-mode
 pass arithmetic. Everything here equals ``torch.func.jvp`` in float64 (checked by the benchmark, see
@@ -24,21 +25,88 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.func import functional_call
 
-from cmw_transfer.trainer.dual_forward import ConvTape
+from cmw_transfer.trainer.dual_forward import FusedTangents, _split
 from cmw_transfer.trainer.metastep import (
     VirtualStep,
     forward_directional_derivatives,
-    tangent_only_directional_derivatives,
     virtual_names,
     virtual_weights,
 )
 from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
 
 Params = dict[str, torch.Tensor]
+
+
+class ConvTape:
+    """Keeps every ``nn.Conv2d`` output of the forward run inside it, in call order (references, no copies), each
+    with its version counter (an output a later in-place op overwrote is recomputed by the replay)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.outputs: list[tuple[torch.Tensor, int]] = []
+        self._handles: list = []
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.outputs.append((output.detach(), output._version))
+
+    def __enter__(self) -> ConvTape:
+        self._handles = [m.register_forward_hook(self._keep) for m in self.model.modules()
+                         if isinstance(m, nn.Conv2d)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class ReplayTangents(FusedTangents):
+    """:class:`FusedTangents` whose convolutions take their primal output from a :class:`ConvTape`."""
+
+    def __init__(self, outputs: list[tuple[torch.Tensor, int]]) -> None:
+        super().__init__()
+        self._outputs = iter(outputs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.conv2d:
+            return self._conv(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def _conv(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        out, version = next(self._outputs)
+        x, dx = _split(input)
+        w, dw = _split(weight)
+        if out._version != version:  # overwritten in place after the conv: recompute the primal
+            out = F.conv2d(x, w, _split(bias)[0], stride, padding, dilation, groups)
+        conv = lambda a, k: F.conv2d(a, k, None, stride, padding, dilation, groups)  # noqa: E731
+        if dx is not None and dw is not None and groups == 1:
+            tangent = F.conv2d(torch.cat([dx, x], 1), torch.cat([w, dw], 1), None, stride, padding, dilation)
+        elif dx is not None and dw is not None:
+            tangent = conv(dx, w) + conv(x, dw)
+        elif dw is not None or dx is not None:
+            tangent = conv(x, dw) if dx is None else conv(dx, w)
+        else:
+            return out
+        db = _split(bias)[1] if bias is not None else None
+        if db is not None:
+            tangent = tangent + db.reshape(1, -1, 1, 1)
+        return fwad.make_dual(out, tangent)
+
+
+def tangent_only_directional_derivatives(model: nn.Module, params: Params, buffers: Params, batch: TrainBatch,
+                                         objective: WeightedCE, names: list[str], tangents: list[torch.Tensor],
+                                         conv_outputs: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """``d`` by the tangent-only dual pass over a :class:`ConvTape` of the training forward at ``params``."""
+    frozen = {k: p.detach() for k, p in params.items() if k not in names}
+    clones = {k: b.clone() for k, b in buffers.items()}
+    with torch.no_grad(), fwad.dual_level(), ReplayTangents(conv_outputs):
+        dual = {n: fwad.make_dual(params[n].detach(), t) for n, t in zip(names, tangents)}
+        terms = objective.terms(functional_call(model, ({**frozen, **dual}, clones), (batch.x,)), batch)
+        return fwad.unpack_dual(terms).tangent
 
 
 def shared_reverse_backward(terms: torch.Tensor, coeff: torch.Tensor, leaves: list[torch.Tensor]

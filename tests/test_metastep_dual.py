@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.dual_forward import ConvTape
 from cmw_transfer.trainer.metastep import forward_directional_derivatives, virtual_names
 from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
 
@@ -62,47 +61,3 @@ def test_fused_leaves_bn_buffers_untouched():
     both(model, batch, virtual_names(model, "exact"))
     for k, b in model.named_buffers():
         assert torch.equal(b, before[k]), k
-
-
-def taped(model, batch):
-    """The conv outputs of a training forward of ``batch`` at the model's parameters (what the trainer tapes)."""
-    with ConvTape(model) as tape:
-        model(batch.x)
-    return tape.outputs
-
-
-@pytest.mark.parametrize("name", ["cifar_resnet32", "cifar_resnet32b", "small_cnn", "resnet18",
-                                  "mobilenetv3_small_050"])
-@pytest.mark.parametrize("train", [True, False], ids=["bn-train", "bn-eval"])
-def test_tangent_only_pass_equals_jvp_and_uses_the_tape(name, train):
-    model, batch = case(name, train)
-    outputs = taped(model, batch)
-    assert outputs
-    names = virtual_names(model, "exact")
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    torch.manual_seed(1)
-    tangents = [torch.randn_like(params[n]) for n in names]
-    ref = forward_directional_derivatives(model, params, buffers, batch, WeightedCE(), names, tangents, fused=False)
-    replayed = forward_directional_derivatives(model, params, buffers, batch, WeightedCE(), names, tangents,
-                                               conv_outputs=outputs)
-    torch.testing.assert_close(replayed, ref, rtol=1e-10, atol=1e-12)
-    # the primal really comes from the tape: a perturbed tape changes d
-    wrong = [(o + 0.1 * torch.randn_like(o), 0) for o, _ in outputs]  # (a constant shift is normalised away)
-    off = forward_directional_derivatives(model, params, buffers, batch, WeightedCE(), names, tangents,
-                                          conv_outputs=wrong)
-    assert (off - ref).abs().max() > 1e-6
-
-
-@pytest.mark.parametrize("damage", ["drop-last", "extra", "wrong-shape"])
-def test_a_tape_that_does_not_match_falls_back_to_the_recomputing_pass(damage):
-    model, batch = case("cifar_resnet32")
-    outputs = taped(model, batch)
-    outputs = {"drop-last": outputs[:-1], "extra": [*outputs, outputs[-1]],
-               "wrong-shape": [(outputs[0][0][:, :3], 0), *outputs[1:]]}[damage]
-    names = virtual_names(model, "exact")
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    tangents = [torch.randn_like(params[n]) for n in names]
-    ref = forward_directional_derivatives(model, params, buffers, batch, WeightedCE(), names, tangents, fused=False)
-    got = forward_directional_derivatives(model, params, buffers, batch, WeightedCE(), names, tangents,
-                                          conv_outputs=outputs)
-    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)

@@ -3,7 +3,6 @@
 Float64, the paper's option-A ResNet-32 on small inputs, K=1 (MW-Net's VNet) and K=3 with a per-class head map.
 """
 
-import contextlib
 import copy
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.dual_forward import ConvTape
 from cmw_transfer.trainer.metastep import VirtualStep, meta_gradient, virtual_names
 from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
 from tests.reference_official import (
@@ -63,24 +61,9 @@ def wnet(heads):
     return net
 
 
-def taped_meta_gradient(model, net, batch, xm, ym, objective, lr):
-    """The paper's-order call: the training forward taped, its graph kept, the tangent-only dual pass."""
-    model = copy.deepcopy(model)  # the training forward updates BN statistics; the caller checks the original
-    params = dict(model.named_parameters())
-    with ConvTape(model) as tape:
-        logits = model(batch.x)
-    result = meta_gradient(model, net, params, dict(model.named_buffers()), batch, xm, ym, objective,
-                           VirtualStep(lr), virtual_names(model, "exact"),
-                           train_out=(logits, objective.terms(logits, batch)), keep_graph=True,
-                           conv_outputs=tape.outputs)
-    assert len(tape.outputs) == 31
-    return result
-
-
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("sl", [False, True], ids=["mwnet-loss", "cmwnet-sl-loss"])
-@pytest.mark.parametrize("dual", ["recomputing", "tangent-only"])
-def test_exact_meta_gradient_equals_the_authors_step(state, heads, sl, dual):
+def test_exact_meta_gradient_equals_the_authors_step(state, heads, sl):
     model, x, y, xm, ym, soft = state
     soft = soft if sl else None
     before = copy.deepcopy(model.state_dict())
@@ -90,11 +73,8 @@ def test_exact_meta_gradient_equals_the_authors_step(state, heads, sl, dual):
     expected = authors_grads_as_cmwnet(authors)
 
     batch, objective = toolkit_batch(x, y, heads, soft)
-    if dual == "tangent-only":
-        ours = taped_meta_gradient(model, net, batch, xm, ym, objective, 0.3)
-    else:
-        ours = meta_gradient(model, net, dict(model.named_parameters()), dict(model.named_buffers()), batch, xm,
-                             ym, objective, VirtualStep(0.3), virtual_names(model, "exact"))
+    ours = meta_gradient(model, net, dict(model.named_parameters()), dict(model.named_buffers()), batch, xm, ym,
+                         objective, VirtualStep(0.3), virtual_names(model, "exact"))
     for name, g in ours.wnet_grads.items():
         torch.testing.assert_close(g, expected[name], rtol=1e-6, atol=1e-9, msg=name)
     assert any(float(g.abs().max()) > 1e-6 for g in expected.values())  # not a vacuous zero == zero
@@ -102,19 +82,14 @@ def test_exact_meta_gradient_equals_the_authors_step(state, heads, sl, dual):
         assert torch.equal(v, before[k]), k
 
 
-def toolkit_iteration(model, net, opt, wopt, batch, objective, xm, ym, order, tape=True):
-    """What the meta-train loop does per meta iteration: shared forward, exact meta-gradient, net step, real step.
-
-    In the paper's order the loop tapes the training forward's conv outputs (tangent-only dual pass)."""
+def toolkit_iteration(model, net, opt, wopt, batch, objective, xm, ym, order):
+    """What the meta-train loop does per meta iteration: shared forward, exact meta-gradient, net step, real step."""
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    recorder = ConvTape(model)
-    with recorder if order == "updated" and tape else contextlib.nullcontext():
-        logits = model(batch.x)
+    logits = model(batch.x)
     terms = objective.terms(logits, batch)
     res = meta_gradient(model, net, params, buffers, batch, xm, ym, objective,
                         VirtualStep(opt.param_groups[0]["lr"]), virtual_names(model, "exact"),
-                        train_out=(logits, terms), keep_graph=order == "updated",
-                        conv_outputs=recorder.outputs if recorder.outputs else None)
+                        train_out=(logits, terms), keep_graph=order == "updated")
     for n, p in net.named_parameters():
         p.grad = res.wnet_grads[n]
     wopt.step()
@@ -129,7 +104,7 @@ def toolkit_iteration(model, net, opt, wopt, batch, objective, xm, ym, order, ta
     opt.step()
 
 
-def run_both(state, heads, sl, order, wnet_lr=1e-2, tape=True):
+def run_both(state, heads, sl, order, wnet_lr=1e-2):
     model0, x, y, xm, ym, soft = state
     soft = soft if sl else None
     ours_model, theirs_model = copy.deepcopy(model0), copy.deepcopy(model0)
@@ -139,17 +114,15 @@ def run_both(state, heads, sl, order, wnet_lr=1e-2, tape=True):
             for m in (ours_model, theirs_model)]
     wopts = [torch.optim.Adam(n.parameters(), lr=wnet_lr, weight_decay=1e-4) for n in (net, authors)]
     batch, objective = toolkit_batch(x, y, heads, soft)
-    toolkit_iteration(ours_model, net, opts[0], wopts[0], batch, objective, xm, ym, order, tape)
+    toolkit_iteration(ours_model, net, opts[0], wopts[0], batch, objective, xm, ym, order)
     official_iteration(build, theirs_model, authors, opts[1], wopts[1], x, y, FAMILY[heads], xm, ym, soft)
     return model0, ours_model, theirs_model, net, authors
 
 
-@pytest.mark.parametrize("tape", [True, False], ids=["tangent-only", "recomputing"])
 @pytest.mark.parametrize(("heads", "sl"), [(1, False), (3, True)])
-def test_full_iteration_in_the_papers_order_equals_the_authors(state, heads, sl, tape):
-    """Actual step after the net update (``--actual-step updated``): same classifier, BN statistics and net, with
-    the tangent-only dual pass over the taped training forward (what the loop runs) and with the recomputing one."""
-    _, ours, theirs, net, authors = run_both(state, heads, sl, "updated", tape=tape)
+def test_full_iteration_in_the_papers_order_equals_the_authors(state, heads, sl):
+    """Actual step after the net update (``--actual-step updated``): same classifier, BN statistics and net."""
+    _, ours, theirs, net, authors = run_both(state, heads, sl, "updated")
     theirs_state = theirs.state_dict()
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(v, theirs_state[k], rtol=1e-9, atol=1e-12, msg=k)

@@ -13,12 +13,6 @@ forward. Under :class:`FusedTangents` (a ``TorchFunctionMode`` used inside ``tor
 
 Every other op keeps PyTorch's own forward-mode rule, so any model works; the tangents are exact (equal to
 ``torch.func.jvp`` to rounding, tested in float64).
-
-:class:`ConvTape` + :class:`ReplayTangents` make the pass *tangent-only* where the training forward's activations
-are alive anyway (the paper's order keeps its graph for the actual step, and that graph holds every convolution
-output): the dual pass takes each convolution's primal output from the tape instead of recomputing it, so it runs
-the tangent convolutions only (two thirds of the recomputing pass's convolution work); BatchNorm, ReLU and adds
-recompute their primal elementwise.
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
@@ -40,14 +33,12 @@ def _split(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | 
 
 
 def dual_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
-                padding: Any = 0, dilation: Any = 1, groups: int = 1, *, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """``conv2d`` of dual tensors: primal conv (or the given primal ``out``) + one fused tangent conv."""
+                padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+    """``conv2d`` of dual tensors: primal conv + one fused tangent conv."""
     x, dx = _split(input)
     w, dw = _split(weight)
     b, db = _split(bias)
-    if out is None:
-        out = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    out = F.conv2d(x, w, b, stride, padding, dilation, groups)
     if dx is None and dw is None and db is None:
         return out
     if dx is not None and dw is not None and groups == 1:
@@ -92,79 +83,3 @@ class FusedTangents(TorchFunctionMode):
         if func is F.batch_norm:
             return dual_batch_norm(*args, **kwargs)
         return func(*args, **kwargs)
-
-
-Tape = list[tuple[torch.Tensor, int]]  # conv outputs of one forward, each with its version counter when taped
-
-
-class TapeMismatchError(RuntimeError):
-    """The dual pass did not run the taped forward's convolutions (another model, or a conv outside ``nn.Conv2d``)."""
-
-
-class ConvTape:
-    """Keeps every ``nn.Conv2d`` output of the forward run inside it, in call order (references, no copies).
-
-    ``with ConvTape(model) as tape: logits = model(x)``; then ``tape.outputs``. Each output is kept with its
-    version counter: one that a later in-place op overwrote is recomputed by the replay, not trusted.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.outputs: Tape = []
-        self._handles: list[Any] = []
-
-    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.outputs.append((output.detach(), output._version))
-
-    def __enter__(self) -> ConvTape:
-        self._handles = [m.register_forward_hook(self._keep) for m in self.model.modules()
-                         if isinstance(m, nn.Conv2d)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def _conv_out_shape(x: torch.Tensor, w: torch.Tensor, stride: Any, padding: Any, dilation: Any) -> tuple:
-    if isinstance(padding, str):
-        return ()  # "same" / "valid": leave the check to the output shape of the tangent
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
-    h = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
-    wd = (x.shape[3] + 2 * pw - dw * (w.shape[3] - 1) - 1) // sw + 1
-    return (x.shape[0], w.shape[0], h, wd)
-
-
-class ReplayTangents(FusedTangents):
-    """:class:`FusedTangents` whose convolutions take their primal output from a :class:`ConvTape`.
-
-    Raises :class:`TapeMismatchError` (and the caller recomputes) if the convolutions do not match the tape.
-    """
-
-    def __init__(self, outputs: Tape) -> None:
-        super().__init__()
-        self._outputs = list(outputs)
-        self._next = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.conv2d:
-            return self._conv(*args, **(kwargs or {}))
-        return super().__torch_function__(func, types, args, kwargs)
-
-    def _conv(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        if self._next >= len(self._outputs):
-            raise TapeMismatchError("more convolutions than taped")
-        out, version = self._outputs[self._next]
-        self._next += 1
-        expected = _conv_out_shape(input, weight, stride, padding, dilation)
-        if expected and tuple(out.shape) != expected:
-            raise TapeMismatchError(f"taped conv output {tuple(out.shape)}, expected {expected}")
-        if out._version != version:  # overwritten in place after the conv (an inplace activation): recompute
-            out = None
-        return dual_conv2d(input, weight, bias, stride, padding, dilation, groups, out=out)
-
-    def check_consumed(self) -> None:
-        if self._next != len(self._outputs):
-            raise TapeMismatchError(f"{len(self._outputs) - self._next} taped convolutions were not replayed")

@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from cmw_transfer.errors import UserError
 from cmw_transfer.models import parameter_stages
-from cmw_transfer.trainer.dual_forward import FusedTangents, ReplayTangents, Tape, TapeMismatchError
+from cmw_transfer.trainer.dual_forward import FusedTangents
 from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
 
 try:
@@ -218,25 +218,15 @@ def reverse_directional_derivatives(terms: torch.Tensor, params: list[torch.Tens
 
 def forward_directional_derivatives(model: nn.Module, params: Params, buffers: Params, batch: TrainBatch,
                                     objective: WeightedCE | SoftLabelCE, names: list[str],
-                                    tangents: list[torch.Tensor], *, fused: bool = True,
-                                    conv_outputs: Tape | None = None) -> torch.Tensor:
+                                    tangents: list[torch.Tensor], *, fused: bool = True) -> torch.Tensor:
     """The same quantity by forward-mode AD: one dual forward, no second-order graph.
 
     Used for ``exact``: it needs no retained training graph, so the meta-iteration's peak memory stays near the
     larger of one training and one meta step. ``fused`` (default) runs it under
     :class:`~cmw_transfer.trainer.dual_forward.FusedTangents` (one tangent conv per conv, closed-form BatchNorm
     tangent), channels-last on CPU; ``fused=False`` is plain ``torch.func.jvp``, kept as the reference.
-    ``conv_outputs`` (``ConvTape.outputs`` of this batch's training forward at
-    these ``params``) makes the pass tangent-only: no primal convolution is recomputed. A tape that does not match
-    the model's convolutions falls back to the recomputing pass.
     """
     frozen = {k: p.detach() for k, p in params.items() if k not in names}
-    if conv_outputs is not None and fused:
-        try:
-            return tangent_only_directional_derivatives(model, params, buffers, batch, objective, names, tangents,
-                                                        conv_outputs)
-        except TapeMismatchError:
-            pass
     if not fused:
         def terms_of(virtual: Params) -> torch.Tensor:
             logits = functional_call(model, ({**frozen, **virtual}, _clone(buffers)), (batch.x,))
@@ -250,22 +240,6 @@ def forward_directional_derivatives(model: nn.Module, params: Params, buffers: P
     with torch.no_grad(), fwad.dual_level(), FusedTangents():
         dual = {n: fwad.make_dual(params[n].detach(), t) for n, t in zip(names, tangents)}
         logits = functional_call(model, ({**frozen, **dual}, _clone(buffers)), (x,))
-        terms = objective.terms(logits, batch)
-        d = fwad.unpack_dual(terms).tangent
-    return torch.zeros_like(terms) if d is None else d
-
-
-def tangent_only_directional_derivatives(model: nn.Module, params: Params, buffers: Params, batch: TrainBatch,
-                                         objective: WeightedCE | SoftLabelCE, names: list[str],
-                                         tangents: list[torch.Tensor], conv_outputs: Tape) -> torch.Tensor:
-    """The tangent-only dual pass over a :class:`~cmw_transfer.trainer.dual_forward.ConvTape` of the training
-    forward, in that forward's memory layout; raises ``TapeMismatchError`` if the tape does not fit the model."""
-    frozen = {k: p.detach() for k, p in params.items() if k not in names}
-    replay = ReplayTangents(conv_outputs)
-    with torch.no_grad(), fwad.dual_level(), replay:
-        dual = {n: fwad.make_dual(params[n].detach(), t) for n, t in zip(names, tangents)}
-        logits = functional_call(model, ({**frozen, **dual}, _clone(buffers)), (batch.x,))
-        replay.check_consumed()
         terms = objective.terms(logits, batch)
         d = fwad.unpack_dual(terms).tangent
     return torch.zeros_like(terms) if d is None else d
@@ -289,7 +263,6 @@ def meta_gradient(
     train_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     derivatives: str = "auto",
     keep_graph: bool = False,
-    conv_outputs: Tape | None = None,
 ) -> MetaResult:
     """Meta-gradient of the weighting net at ``params``; pure: ``params`` and ``buffers`` are not modified.
 
@@ -302,10 +275,6 @@ def meta_gradient(
     ``reverse`` (on the kept graph) or ``auto`` (forward when every parameter is virtual, i.e. ``exact``; reverse
     for top-layer approximations). ``keep_graph`` leaves the training graph
     alive for a caller that backpropagates it again (the paper's order: actual step after the net update).
-    ``conv_outputs``: ``ConvTape.outputs`` of the training forward of
-    ``train_out``; the forward derivatives then skip the primal convolutions. Pass it when the training graph is
-    kept anyway (``keep_graph``): the graph holds those outputs, so the tape costs no memory; without the kept
-    graph it would hold them through the meta pass and raise the peak (measured in ``scripts/bench_metastep.py``).
     """
     wnet_params = wnet_params if wnet_params is not None else dict(wnet.named_parameters())
     if train_out is None:
@@ -357,7 +326,7 @@ def meta_gradient(
         d = reverse_directional_derivatives(terms, [leaves[n] for n in names], tangents)
     else:
         d = forward_directional_derivatives(model, leaves, buffers, batch, objective, names, tangents,
-                                            fused=derivatives == "forward", conv_outputs=conv_outputs)
+                                            fused=derivatives == "forward")
     surrogate = -outer * (coeff * d.detach()).sum()
     wgrads = torch.autograd.grad(surrogate, list(wnet_params.values()), allow_unused=True)
     result.wnet_grads = {k: torch.zeros_like(p) if g is None else g

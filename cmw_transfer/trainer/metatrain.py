@@ -11,7 +11,6 @@ so a run killed during its export re-exports the identical net, and a finished r
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -41,7 +40,6 @@ from cmw_transfer.trainer.common import (
 )
 from cmw_transfer.trainer.config import MetaTrainConfig
 from cmw_transfer.trainer.data import load_source, stack_batch
-from cmw_transfer.trainer.dual_forward import ConvTape
 from cmw_transfer.trainer.engine import Engine, Stage
 from cmw_transfer.trainer.metasets import gmm_clean_indices, lowest_loss_indices, parse_meta_set, per_sample_losses
 from cmw_transfer.trainer.metastep import (
@@ -265,20 +263,15 @@ class MetaTrainer(Stage):
         x, y, idx = batch
         x, y = x.to(self.device), y.to(self.device)
         batch = self._train_batch(x, y, idx, self.gen, mix=weighted)
-        due = weighted and self.meta_step_due(it)
-        # the paper's order keeps the training graph, which holds every conv output: tape them for the dual pass
-        tape = ConvTape(self.model) if due and self.cfg.actual_step == "updated" else contextlib.nullcontext()
-        with tape:
-            logits = self.model(batch.x)
+        logits = self.model(batch.x)
         terms = self.objective.terms(logits, batch)
         if not torch.isfinite(terms).all():
             raise UserError(f"non-finite training loss at epoch {self.epoch_label()}, iteration {it}: the run "
                             f"diverged; the last checkpoint ({self.out / CHECKPOINT_NAME}) is intact; lower "
                             "--lr/--meta-lr")
         reused = None
-        if due:
-            meta_loss, reused = self._meta_step(batch, logits, terms, params, self.buffers, self.gen,
-                                                getattr(tape, "outputs", None))
+        if weighted and self.meta_step_due(it):
+            meta_loss, reused = self._meta_step(batch, logits, terms, params, self.buffers, self.gen)
             sums["meta_loss"] += meta_loss
             sums["meta_steps"] += 1
         if weighted:
@@ -325,17 +318,14 @@ class MetaTrainer(Stage):
         return TrainBatch(mix_inputs(x, lam, perm), y, self.family_of_class, pseudo=pseudo, lam=lam, perm=perm)
 
     def _meta_step(self, batch: TrainBatch, logits: torch.Tensor, terms: torch.Tensor, params: dict,
-                   buffers: dict, gen: np.random.Generator, conv_outputs: list | None = None
-                   ) -> tuple[float, dict | None]:
+                   buffers: dict, gen: np.random.Generator) -> tuple[float, dict | None]:
         cfg = self.cfg
         meta_x, meta_y = self.meta_batch(gen)
         step, momentum = self.virtual_step(params)
         reuse = cfg.actual_step == "reuse"
         result = meta_gradient(self.model, self.wnet, params, buffers, batch, meta_x, meta_y, self.objective, step,
                                self.virtual, momentum_buffers=momentum, gates=self.gates, train_out=(logits, terms),
-                               keep_graph=not reuse, conv_outputs=conv_outputs)
-        if conv_outputs is not None:
-            conv_outputs.clear()  # the kept graph frees them as the actual step backpropagates
+                               keep_graph=not reuse)
         self.apply_meta_result(result)
         return result.meta_loss, (result.train_grads if reuse else None)
 
