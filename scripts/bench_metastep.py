@@ -7,11 +7,18 @@ state; and the peak memory of a step relative to ERM (CUDA: max_memory_allocated
 in a fresh subprocess per mode). Timed in the same interleaved run: the **work floor** of an exact iteration
 (train fwd+bwd + meta fwd+bwd + one plain forward; ``exact`` is reported against it), and the dual forward of the
 exact meta-gradient alone (fused, and the reference ``torch.func.jvp``) against a plain forward of the same batch.
+The **alternatives** for those per-sample directional derivatives (``derivative_alternatives.py``: the authors'
+double backward on the shared training graph, reverse on a kept graph, a tangent-only pass over the training
+forward's conv outputs) are timed alone and inside whole exact iterations (``exact[method]``, both orders), with
+their peak memory, a float64 check against ``torch.func.jvp`` and the multiply-accumulate count that bounds any
+exact pass.
 The CPU column is process CPU time / (wall x threads): well below 100% means the machine was busy elsewhere;
 ``qN`` counts the repeats at >= ``--quiet-util``, and medians are taken over those when there are at least 3.
 On a shared machine ``--clock cpu --threads 1`` times the process's own CPU time instead of the wall clock.
 
     OMP_NUM_THREADS=1 python scripts/bench_metastep.py --threads 1   # cifar_resnet32 and timm resnet18, 32x32
+    OMP_NUM_THREADS=1 python scripts/bench_metastep.py --threads 1 --models cifar_resnet32 --repeats 7 \
+        --cos-repeats 1 --clock cpu                                  # on a machine shared with other work
     python scripts/bench_metastep.py --device cuda --batch-size 128 --repeats 20
 """
 
