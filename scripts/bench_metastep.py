@@ -7,9 +7,18 @@ state; and the peak memory of a step relative to ERM (CUDA: max_memory_allocated
 in a fresh subprocess per mode). Timed in the same interleaved run: the **work floor** of an exact iteration
 (train fwd+bwd + meta fwd+bwd + one plain forward; ``exact`` is reported against it), and the dual forward of the
 exact meta-gradient alone (fused, and the reference ``torch.func.jvp``) against a plain forward of the same batch.
-The CPU column is process CPU time / (wall x threads): well below 100% means the machine was busy elsewhere.
+The **alternatives** for those per-sample directional derivatives (``derivative_alternatives.py``: the authors'
+double backward on the shared training graph, reverse on a kept graph, a tangent-only pass over the training
+forward's conv outputs) are timed alone and inside whole exact iterations (``exact[method]``, both orders), with
+their peak memory, a float64 check against ``torch.func.jvp`` and the multiply-accumulate count that bounds any
+exact pass.
+The CPU column is process CPU time / (wall x threads): well below 100% means the machine was busy elsewhere;
+``qN`` counts the repeats at >= ``--quiet-util``, and medians are taken over those when there are at least 3.
+On a shared machine ``--clock cpu --threads 1`` times the process's own CPU time instead of the wall clock.
 
     OMP_NUM_THREADS=1 python scripts/bench_metastep.py --threads 1   # cifar_resnet32 and timm resnet18, 32x32
+    OMP_NUM_THREADS=1 python scripts/bench_metastep.py --threads 1 --models cifar_resnet32 --repeats 7 \
+        --cos-repeats 1 --clock cpu                                  # on a machine shared with other work
     python scripts/bench_metastep.py --device cuda --batch-size 128 --repeats 20
 """
 
@@ -37,9 +46,15 @@ from cmw_transfer.trainer.metastep import (
     VirtualStep,
     forward_directional_derivatives,
     meta_gradient,
+    reverse_directional_derivatives,
     virtual_names,
 )
 from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import derivative_alternatives as alt
+
+ALTERNATIVES = ("reverse-shared", "tape")  # other ways to the per-sample directional derivatives (see alt)
 
 
 def build(model_name: str, batch_size: int, device: str, seed: int = 0, meta_batch_size: int = 100):
@@ -58,13 +73,16 @@ def modes_for(model) -> dict[str, list[str]]:
     """exact (two orders of the real step), SLMO at two depths (last stage + classifier; classifier only), FaMUS."""
     stages = len(parameter_stages(model))
     exact = virtual_names(model, "exact")
+    alternatives = {f"{order}[{method}]": exact for method in ALTERNATIVES for order in ("exact", "exact-updated")}
     return {"exact": exact, "exact-updated": exact,
             f"skip:{stages - 2}": virtual_names(model, "skip", stages - 2),
             f"skip:{stages - 1}": virtual_names(model, "skip", stages - 1),
-            "famus": virtual_names(model, "famus")}
+            "famus": virtual_names(model, "famus"), **alternatives}
 
 
 def make_step(mode: str, names: list[str] | None, model, wnet, batch, xm, ym):
+    mode, _, method = mode.partition("[")  # "exact-updated[tape]": an exact iteration with another d method
+    method = method.rstrip("]")
     updated = mode.endswith("-updated")
     mode = mode.removesuffix("-updated")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -95,9 +113,42 @@ def make_step(mode: str, names: list[str] | None, model, wnet, batch, xm, ym):
 
     tangents = [torch.randn_like(params[n]) for n in virtual_names(model, "exact")]
 
+    exact_names = virtual_names(model, "exact")
+
     def dual(fused: bool) -> None:
-        forward_directional_derivatives(model, params, buffers, batch, objective, virtual_names(model, "exact"),
-                                        tangents, fused=fused)
+        forward_directional_derivatives(model, params, buffers, batch, objective, exact_names, tangents, fused=fused)
+
+    # d alone by the alternatives; each is (untimed setup, timed part): the setup is what the iteration has anyway
+    leaves = [params[n] for n in exact_names]
+
+    def training_graph():
+        terms = objective.terms(model(batch.x), batch)
+        return terms, torch.ones_like(terms) / len(terms)
+
+    def taped_forward():
+        with torch.no_grad(), alt.ConvTape(model) as tape:
+            model(batch.x)
+        return tape.outputs
+
+    def after_weighted_backward():
+        terms, coeff = training_graph()
+        torch.autograd.grad((coeff * terms).sum(), leaves, retain_graph=True)
+        return terms
+
+    pieces = {
+        "d:weighted-backward": (training_graph, lambda s: torch.autograd.grad((s[1] * s[0]).sum(), leaves)),
+        "d:reverse-shared": (training_graph, lambda s: alt.shared_reverse_derivatives(
+            *alt.shared_reverse_backward(s[0], s[1], leaves), tangents)),
+        "d:reverse": (after_weighted_backward, lambda terms: reverse_directional_derivatives(terms, leaves,
+                                                                                            tangents)),
+        "d:tape": (taped_forward, lambda outputs: alt.tangent_only_directional_derivatives(
+            model, params, buffers, batch, objective, exact_names, tangents, outputs)),
+    }
+    if mode in pieces:
+        return pieces[mode]
+    if method:
+        return lambda: alt.exact_iteration(method, model, wnet, batch, xm, ym, opt, wopt, 0.1,
+                                           "updated" if updated else "reuse")
 
     def meta() -> None:
         logits = model(batch.x)
@@ -121,12 +172,17 @@ def make_step(mode: str, names: list[str] | None, model, wnet, batch, xm, ym):
             "dual-jvp": lambda: dual(False)}.get(mode, meta)
 
 
+def _kind(mode: str) -> str:
+    return mode.split(":")[0] if mode.startswith("skip:") else mode
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-EXTRA = ("floor", "forward", "dual", "dual-jvp")  # timed only: not meta-iterations
+PIECES = ("d:weighted-backward", "d:reverse-shared", "d:reverse", "d:tape")  # (setup, timed part) pairs
+EXTRA = ("floor", "forward", "dual", "dual-jvp", *PIECES)  # timed only: not meta-iterations
 
 
 def time_modes(model_name: str, args) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -135,18 +191,22 @@ def time_modes(model_name: str, args) -> tuple[dict[str, list[float]], dict[str,
     model = state[0]
     init = {k: v.clone() for k, v in model.state_dict().items()}
     names = {"erm": None, **modes_for(model), **{m: None for m in EXTRA}}
-    steps = {m: make_step(m.split(":")[0], n, *state) for m, n in names.items()}
-    for fn in steps.values():  # warm-up
+    steps = {m: make_step(_kind(m), n, *state) for m, n in names.items()}
+    steps = {m: fn if isinstance(fn, tuple) else (lambda: None, lambda _, fn=fn: fn()) for m, fn in steps.items()}
+    for setup, fn in steps.values():  # warm-up
         for _ in range(args.warmup):
-            fn()
+            fn(setup())
     times: dict[str, list[float]] = {m: [] for m in steps}
     util: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(args.repeats):
-        for mode, fn in steps.items():
+        for mode, (setup, fn) in steps.items():
             model.load_state_dict(init)
+            state_of_setup = setup()
+            gc.collect()
             sync(args.device)
             t0, c0 = time.perf_counter(), time.process_time()
-            fn()
+            fn(state_of_setup)
+            del state_of_setup
             sync(args.device)
             wall = time.perf_counter() - t0
             times[mode].append(wall)
@@ -184,7 +244,7 @@ def peak_memory(model_name: str, mode: str, args) -> tuple[float, float]:
     """
     state = build(model_name, args.batch_size, args.device, meta_batch_size=args.meta_batch_size)
     names = {"erm": None, **modes_for(state[0])}
-    fn = make_step(mode.split(":")[0], names[mode], *state)
+    fn = make_step(_kind(mode), names[mode], *state)
     if args.device.startswith("cuda"):
         fn()
         torch.cuda.synchronize()
@@ -230,6 +290,50 @@ def memory_ratios(model_name: str, modes: list[str], args) -> dict[str, tuple[fl
     return {m: ((state + peaks[m][0]) / (state + work_erm), peaks[m][0] / work_erm) for m in modes}
 
 
+def quiet_count(util: list[float], threshold: float) -> int:
+    return sum(u >= threshold for u in util)
+
+
+def quiet_median(times: list[float], util: list[float], threshold: float) -> float:
+    """Median over the repeats that had the CPU (>= threshold); all repeats if fewer than 3 did."""
+    quiet = [t for t, u in zip(times, util) if u >= threshold]
+    return statistics.median(quiet if len(quiet) >= 3 else times)
+
+
+def alternative_rows(model_name: str, med: dict, util: dict, mem: dict) -> list[str]:
+    """The alternatives table: each way to d, alone and inside a whole exact iteration."""
+    agree = alt.agreement(model_name, create_model)
+    fwd, floor = med["forward"], med["floor"]
+    cpu = {m: f"{100 * statistics.median(u):.0f}%" for m, u in util.items()}
+    own = {"fused dual forward": med["dual"], "torch.func.jvp": med["dual-jvp"],
+           "reverse-shared": med["d:reverse-shared"] - med["d:weighted-backward"], "reverse": med["d:reverse"],
+           "tape": med["d:tape"]}
+    piece = {"fused dual forward": "dual", "torch.func.jvp": "dual-jvp", "reverse-shared": "d:reverse-shared",
+             "reverse": "d:reverse", "tape": "d:tape"}
+    rows = []
+    for method, t in own.items():
+        its = {"fused dual forward": ("exact", "exact-updated")}.get(
+            method, (f"exact[{method}]", f"exact-updated[{method}]") if method in ALTERNATIVES else None)
+        if its:
+            ratio = f"{med[its[0]] / floor:.2f} / {med[its[1]] / floor:.2f}"
+            peak = f"{mem[its[0]][0] / mem['exact'][0]:.2f} / {mem[its[1]][0] / mem['exact-updated'][0]:.2f}"
+            util_txt = f"{cpu[piece[method]]} / {cpu[its[0]]} / {cpu[its[1]]}"
+        else:
+            ratio = peak = "-"
+            util_txt = cpu[piece[method]]
+        diff = agree.get(method, 0.0 if method == "torch.func.jvp" else None)
+        diff_txt = "reference" if method == "torch.func.jvp" else ("-" if diff is None else f"{diff:.0e}")
+        rows.append(f"| {model_name} | {method} | {1000 * t:.1f} | {t / fwd:.2f} | {ratio} | {peak} | {diff_txt} | "
+                    f"{util_txt} |")
+    macs = alt.conv_macs(create_model(model_name, 10, 3), torch.randn(2, 3, 32, 32))
+    plain = macs["conv"] + macs["linear"]
+    tangent = 2 * plain - macs["conv_first"]
+    rows.append(f"| {model_name} | MAC count per image | {plain / 1e6:.1f}M plain forward | recomputing dual "
+                f"{(plain + tangent) / plain:.2f}x, tangent-only {tangent / plain:.2f}x | classifier share "
+                f"{macs['linear'] / plain:.1e} | - | - | - |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="cifar_resnet32,resnet18")
@@ -241,6 +345,12 @@ def main() -> None:
     parser.add_argument("--meta-interval", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: wall-clock medians over the quiet repeats; cpu: medians of the process's CPU "
+                             "time (for a machine shared with other work; one thread)")
+    parser.add_argument("--quiet-util", type=float, default=0.9,
+                        help="medians over the repeats of a mode with at least this CPU utilisation (all repeats "
+                             "when fewer than 3 are): repeats starved by other work on the machine are left out")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,24 +361,29 @@ def main() -> None:
         return
     results = {}
     print(f"device={args.device} threads={args.threads} batch={args.batch_size} meta_batch={args.meta_batch_size} "
-          f"repeats={args.repeats} "
+          f"repeats={args.repeats} clock={args.clock} quiet-util={args.quiet_util} "
           f"torch={torch.__version__}")
     print(f"| model | mode | step ms (median) | x ERM step | x ERM amortised (k={args.meta_interval}) | cos vs exact "
           "| peak mem x ERM (working set x ERM) | CPU util median (min) |")
     print("|---|---|---|---|---|---|---|---|")
-    extra_rows = []
+    extra_rows, alt_rows = [], []
     for model_name in args.models.split(","):
         times, util = time_modes(model_name, args)
-        med = {m: statistics.median(v) for m, v in times.items()}
+        if args.clock == "cpu":  # the process's own CPU time: robust to other work sharing the cores
+            med = {m: statistics.median(t * u * args.threads for t, u in zip(v, util[m])) for m, v in times.items()}
+        else:
+            med = {m: quiet_median(v, util[m], args.quiet_util) for m, v in times.items()}
         cos = cosines(model_name, args)
         mem = memory_ratios(model_name, [m for m in med if m not in ("erm", *EXTRA)], args)
         k = args.meta_interval
         rows = {}
-        cpu = {m: f"{100 * statistics.median(u):.0f}% ({100 * min(u):.0f}%)" for m, u in util.items()}
+        cpu = {m: f"{100 * statistics.median(u):.0f}% ({100 * min(u):.0f}%) q{quiet_count(u, args.quiet_util)}"
+               for m, u in util.items()}
         extra_rows.append(f"| {model_name} | {1000 * med['floor']:.1f} | {med['exact'] / med['floor']:.2f} | "
                           f"{med['exact-updated'] / med['floor']:.2f} | {1000 * med['forward']:.1f} | "
                           f"{med['dual'] / med['forward']:.2f} | {med['dual-jvp'] / med['forward']:.2f} | "
                           f"{cpu['floor']} / {cpu['dual']} / {cpu['dual-jvp']} |")
+        alt_rows += alternative_rows(model_name, med, util, mem)
         for mode, t in med.items():
             if mode in EXTRA:
                 continue
@@ -285,6 +400,14 @@ def main() -> None:
         rows["dual"] = {"forward_ms": 1000 * med["forward"], "fused_over_forward": med["dual"] / med["forward"],
                         "jvp_over_forward": med["dual-jvp"] / med["forward"]}
         results[model_name] = rows
+    print()
+    print("Per-sample directional derivatives d_i = <grad l_i, v>: d alone (its own work beyond train fwd+bwd and "
+          "meta fwd+bwd, x a plain forward of the batch; the work floor counts 1.00), a whole exact iteration with "
+          "it (x work floor), its peak memory (x the fused dual forward's iteration, same order), exactness")
+    print("| model | method | d ms | d x plain forward | iteration / floor (reuse / updated) | peak mem x fused "
+          "(reuse / updated) | max rel diff vs jvp (float64) | CPU util d / reuse / updated |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(alt_rows))
     print()
     print("| model | work floor ms | exact / floor | exact-updated / floor | plain forward ms | fused dual forward / "
           "forward | torch.func.jvp / forward | CPU util floor / dual / jvp |")
