@@ -140,7 +140,7 @@ def test_metatrain_warns_once_and_fits_families_without_empty_classes(webvision_
     out = tmp_path / "meta"
     code, stdout, err = call_main(["metatrain", "--src", "mini-webvision", "--data-dir", str(webvision_with_holes),
                                    "--epochs", "1", "--warmup-epochs", "0", "--meta-set", "clean:1",
-                                   "--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)], capsys)
+                                   "--workers", "0", "--device", "cpu", "--quiet", "--json", "--out", str(out)], capsys)
     assert code == 0, err
     assert err.count("2 of 50 classes have no samples (class 3, 17)") == 1
     run = _strict((out / "run.json").read_text())
