@@ -32,6 +32,7 @@ rank normalises its own batch; DDP then averages the gradients), as ``"batch"`` 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +43,14 @@ from torch import nn
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
-from cmw_transfer.guards import ClassWeightMonitor, LossRangeMonitor, WarmupGate, lift_class_floor, reference_weight
+from cmw_transfer.guards import (
+    ClassWeightMonitor,
+    LossRangeMonitor,
+    WarmupGate,
+    lift_class_floor,
+    long_tail_advice,
+    reference_weight,
+)
 from cmw_transfer.trainer.config import NORMALIZATIONS
 
 
@@ -132,6 +140,9 @@ class CMWLoss(nn.Module):
         """Families re-fitted on ``class_counts``; under torch.distributed, first checks that every rank of
         ``process_group`` (default: the world) passed the same counts (a collective: build it on every rank)."""
         check_same_across_ranks(class_counts, process_group)
+        regime = long_tail_advice(np.asarray(class_counts).reshape(-1).tolist(), net.centers)
+        if regime is not None:
+            warnings.warn(regime, stacklevel=2)
         return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)
 
     @classmethod

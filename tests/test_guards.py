@@ -17,6 +17,7 @@ from cmw_transfer.guards import (
     WarmupGate,
     describe_range_sides,
     lift_class_floor,
+    long_tail_advice,
     reference_weight,
 )
 
@@ -187,3 +188,34 @@ def test_cmwloss_floor_and_monitor_in_the_training_loss():
     means = [m for m in report["class_mean_weight"] if m is not None]
     assert min(means) >= 0.5 * np.mean(means) * 0.5  # floored per batch: no class near zero
     assert report["loss_range_check"] == "checked"
+
+
+def test_long_tail_advice_only_for_a_tail_far_stronger_than_the_source():
+    balanced_source = [85.8, 150.75, 215.0]  # the shipped digits nets' class-size centers
+    tail = [200, 120, 80, 40, 20, 10, 4]  # IF 50
+    assert long_tail_advice([150 + d for d in range(-10, 10)], balanced_source) is None
+    assert long_tail_advice(np.round(180 * 10.0 ** (-np.arange(10) / 9)), balanced_source) is None  # IF 10
+    message = long_tail_advice(tail, balanced_source)
+    assert message is not None and "imbalance factor 50" in message and "--weighting class-balanced" in message
+    assert long_tail_advice(tail, [4.0, 40.0, 180.0]) is None  # the net was meta-trained on such a tail
+    assert long_tail_advice([*tail, 0, 0], balanced_source) == message  # empty classes are not the tail
+    assert long_tail_advice([5, 0, 0]) is None
+
+
+def test_long_tail_advice_reaches_the_apply_run_and_the_plug_in_loss(tmp_path, capsys):
+    from cmw_transfer import CMWLoss
+    from cmw_transfer.cli import main
+
+    net = CMWNet.from_pretrained("pretrained:cmwnet-digits-pmd")
+    tail = [200, 120, 80, 40, 20, 10, 4, 4, 4, 4]
+    with pytest.warns(UserWarning, match="strong long tail"):
+        CMWLoss.from_net(net, tail)
+    with pytest.raises(SystemExit) as exc:
+        main(["apply", "--dataset", "digits", "--imbalance", "50", "--weights", "pretrained:cmwnet-digits-pmd",
+              "--model", "small_cnn", "--epochs", "1", "--no-progress", "--workers", "0", "--out",
+              str(tmp_path / "run")])
+    assert exc.value.code == 0
+    err = capsys.readouterr().err
+    assert err.count("strong long tail") == 1 and "--weighting class-balanced" in err
+    families = (tmp_path / "run" / "families.json").read_text()
+    assert "strong long tail" in families

@@ -12,6 +12,7 @@ import numpy as np
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.artifact.scales import DegenerateScalesWarning, fit_families
 from cmw_transfer.errors import UserError
+from cmw_transfer.guards import long_tail_advice
 
 RANGE_TOLERANCE = 0.01  # warn when more than 1% of the target's losses fall outside the artifact's range
 
@@ -36,6 +37,9 @@ def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None
     notes = [str(w.message) for w in caught if issubclass(w.category, DegenerateScalesWarning)]
     for w in caught:  # hand the warnings on (the CLI prints them as ``warning: ...``)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    regime = long_tail_advice(counts, net.centers)
+    if regime is not None:
+        warnings.warn(regime, stacklevel=2)
     info = {
         "num_classes": int(counts.size),
         "num_heads": k,
@@ -47,6 +51,7 @@ def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None
         "empty_classes": np.flatnonzero(counts == 0).tolist(),  # no sample: fitted on none, smallest head used
         "source_centers": net.centers,
         "degenerate_rule": notes[0] if notes else None,
+        "regime_warning": regime,
     }
     info["digest"] = hashlib.sha256(json.dumps(info["family_of_class"]).encode()).hexdigest()[:16]
     return info
