@@ -14,7 +14,7 @@ guard here, shared by the CLI trainers and the plug-in ``CMWLoss``:
 * **Another regime.** A net meta-trained on a near-balanced source takes high losses for noise; under a strong
   long tail the high losses are largely clean tail samples, and no frozen net re-balances classes.
   :func:`long_tail_advice` names the fixed baseline to compare with when the target's imbalance factor is at
-  least ``STRONG_TAIL`` and well above the source's (its class-size centers).
+  least ``STRONG_TAIL`` (``STRONG_TAIL_ONE_CURVE`` for a K=1 net) and well above the source's.
 * **Out of range.** :class:`LossRangeMonitor` counts the losses the net sees below and above the range it was
   trained on, only in epochs where it is applied, summed over DDP ranks; a net without a recorded range is
   "unchecked".
@@ -35,14 +35,19 @@ AUTO_CAP = 0.25
 DEFAULT_CLASS_FLOOR = 0.5
 STARVED_FRACTION = 0.25
 RANGE_TOLERANCE = 0.01
-STRONG_TAIL = 20.0  # digits study: at IF 10 a transferred net matched ERM; at IF 50 class-balanced won by 12 points
+# digits matrix (README): the class-aware net matched ERM on a clean IF-10 tail and lost to class-balanced at IF 50;
+# a one-curve (K=1, MW-Net) net already lost 4.4 points to ERM at IF 10
+STRONG_TAIL = 20.0
+STRONG_TAIL_ONE_CURVE = 10.0
 
 
-def long_tail_advice(class_counts: Sequence[float], source_centers: Sequence[float] | None = None) -> str | None:
+def long_tail_advice(class_counts: Sequence[float], source_centers: Sequence[float] | None = None,
+                     num_heads: int = 3) -> str | None:
     """A warning when the target is a far stronger long tail than the net's source, else None.
 
     The imbalance factor is largest / smallest count over the classes with samples; the source's is estimated
-    from its class-size centers (largest / smallest), which the artifact records.
+    from its class-size centers (largest / smallest), which the artifact records. A net with one curve for
+    every class (``num_heads == 1``) is warned from ``STRONG_TAIL_ONE_CURVE`` on.
     """
     counts = [float(c) for c in class_counts if c > 0]
     if len(counts) < 2:
@@ -50,7 +55,7 @@ def long_tail_advice(class_counts: Sequence[float], source_centers: Sequence[flo
     target_if = max(counts) / min(counts)
     centers = [float(c) for c in (source_centers or []) if c > 0]
     source_if = max(centers) / min(centers) if len(centers) >= 2 else 1.0
-    if target_if < STRONG_TAIL or target_if < 2.0 * source_if:
+    if target_if < (STRONG_TAIL if num_heads > 1 else STRONG_TAIL_ONE_CURVE) or target_if < 2.0 * source_if:
         return None
     return (f"the target is a strong long tail (imbalance factor {target_if:.0f}, the net's source about "
             f"{source_if:.1f}): there the high losses are largely clean tail samples, which a frozen net "

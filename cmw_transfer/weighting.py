@@ -140,7 +140,8 @@ class CMWLoss(nn.Module):
         """Families re-fitted on ``class_counts``; under torch.distributed, first checks that every rank of
         ``process_group`` (default: the world) passed the same counts (a collective: build it on every rank)."""
         check_same_across_ranks(class_counts, process_group)
-        regime = long_tail_advice(np.asarray(class_counts).reshape(-1).tolist(), net.centers)
+        regime = long_tail_advice(np.asarray(class_counts).reshape(-1).tolist(), net.centers,
+                                  net.num_heads)
         if regime is not None:
             warnings.warn(regime, stacklevel=2)
         return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)

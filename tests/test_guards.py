@@ -200,6 +200,9 @@ def test_long_tail_advice_only_for_a_tail_far_stronger_than_the_source():
     assert long_tail_advice(tail, [4.0, 40.0, 180.0]) is None  # the net was meta-trained on such a tail
     assert long_tail_advice([*tail, 0, 0], balanced_source) == message  # empty classes are not the tail
     assert long_tail_advice([5, 0, 0]) is None
+    if_10 = np.round(180 * 10.0 ** (-np.arange(10) / 9))
+    assert long_tail_advice(if_10, [150.0], num_heads=1) is not None  # one curve for every class: warned earlier
+    assert long_tail_advice(np.round(180 * 5.0 ** (-np.arange(10) / 9)), [150.0], num_heads=1) is None
 
 
 def test_long_tail_advice_reaches_the_apply_run_and_the_plug_in_loss(tmp_path, capsys):

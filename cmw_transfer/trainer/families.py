@@ -37,7 +37,7 @@ def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None
     notes = [str(w.message) for w in caught if issubclass(w.category, DegenerateScalesWarning)]
     for w in caught:  # hand the warnings on (the CLI prints them as ``warning: ...``)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    regime = long_tail_advice(counts, net.centers)
+    regime = long_tail_advice(counts, net.centers, net.num_heads)
     if regime is not None:
         warnings.warn(regime, stacklevel=2)
     info = {
