@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-COMMANDS = ([], ["inspect"], ["push"], ["data"], ["apply"], ["metatrain"])
+COMMANDS = ([], ["inspect"], ["push"], ["data"], ["apply"], ["metatrain"], ["probe"], ["import"])
 HEAVY = ("torch", "sklearn", "huggingface_hub", "timm", "matplotlib", "numpy")
 PROBE = (
     "import sys, atexit\n"
