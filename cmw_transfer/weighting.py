@@ -70,6 +70,13 @@ def loss_coefficients(weights: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown weight normalisation '{mode}', expected one of {NORMALIZATIONS}")
 
 
+def _warn_if_strong_tail(net: CMWNet, class_counts: Sequence[float] | np.ndarray, stacklevel: int) -> None:
+    """The long-tail advice of :func:`cmw_transfer.guards.long_tail_advice`, pointed at the user's line."""
+    regime = long_tail_advice(np.asarray(class_counts).reshape(-1).tolist(), net.centers, net.num_heads)
+    if regime is not None:
+        warnings.warn(regime, stacklevel=stacklevel + 1)
+
+
 def _fit_families(class_counts: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
     from cmw_transfer.artifact.scales import fit_families
 
@@ -140,10 +147,7 @@ class CMWLoss(nn.Module):
         """Families re-fitted on ``class_counts``; under torch.distributed, first checks that every rank of
         ``process_group`` (default: the world) passed the same counts (a collective: build it on every rank)."""
         check_same_across_ranks(class_counts, process_group)
-        regime = long_tail_advice(np.asarray(class_counts).reshape(-1).tolist(), net.centers,
-                                  net.num_heads)
-        if regime is not None:
-            warnings.warn(regime, stacklevel=2)
+        _warn_if_strong_tail(net, class_counts, stacklevel=3 if kwargs.pop("_via_spec", False) else 2)
         return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)
 
     @classmethod
@@ -151,7 +155,7 @@ class CMWLoss(nn.Module):
                   process_group: Any = None, **kwargs: Any) -> CMWLoss:
         """``from_net`` on ``CMWNet.from_pretrained(spec)``; keywords: ``ignore_index``, ``label_smoothing``."""
         return cls.from_net(CMWNet.from_pretrained(spec), class_counts, normalization, process_group=process_group,
-                            **kwargs)
+                            _via_spec=True, **kwargs)
 
     @torch.no_grad()
     def weights(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -232,6 +236,7 @@ def sample_weights(losses: Sequence[float] | np.ndarray, labels: Sequence[int] |
     if labels_arr.ndim == 1 and labels_arr.size and (labels_arr.min() < 0 or labels_arr.max() >= counts.size):
         raise ValueError(f"labels must lie in [0, {counts.size}) (one count per class), got "
                          f"{labels_arr.min()}..{labels_arr.max()}")
+    _warn_if_strong_tail(model, counts, stacklevel=2)
     criterion = CMWLoss(model, _fit_families(counts, model.num_heads))
     device = next(model.parameters()).device
     targets = torch.as_tensor(labels_arr if labels_arr.ndim == 2 else labels_arr.astype(np.int64), device=device)

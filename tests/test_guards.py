@@ -211,8 +211,13 @@ def test_long_tail_advice_reaches_the_apply_run_and_the_plug_in_loss(tmp_path, c
 
     net = CMWNet.from_pretrained("pretrained:cmwnet-digits-pmd")
     tail = [200, 120, 80, 40, 20, 10, 4, 4, 4, 4]
-    with pytest.warns(UserWarning, match="strong long tail"):
-        CMWLoss.from_net(net, tail)
+    from cmw_transfer import sample_weights
+
+    for build in (lambda: CMWLoss.from_net(net, tail), lambda: CMWLoss.from_spec("pretrained:cmwnet-digits-pmd", tail),
+                  lambda: sample_weights([0.1, 2.0], [0, 9], tail, net)):
+        with pytest.warns(UserWarning, match="strong long tail") as caught:
+            build()
+        assert caught[0].filename == __file__  # pointed at the user's line, not the library's
     with pytest.raises(SystemExit) as exc:
         main(["apply", "--dataset", "digits", "--imbalance", "50", "--weights", "pretrained:cmwnet-digits-pmd",
               "--model", "small_cnn", "--epochs", "1", "--no-progress", "--workers", "0", "--out",

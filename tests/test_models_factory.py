@@ -136,3 +136,17 @@ def test_apply_cli_vit_on_resized_digits_and_a_model_too_big_for_8x8(tmp_path, c
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("error: model 'convnext_atto' cannot take 1x8x8 inputs"), err
     assert "--img-size" in lines[-1]
+
+
+def test_metatrain_refuses_a_model_that_cannot_take_the_source_in_one_line_before_any_file(tmp_path, capsys):
+    from tests.helpers import call_main
+
+    out = tmp_path / "run"
+    code, _, err = call_main(["metatrain", "--src", "digits-pmd", "--model", "convnext_atto", "--epochs", "1",
+                              "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: model 'convnext_atto' cannot take 1x8x8 inputs")
+    assert "--img-size" not in lines[-1] and "small_cnn" in lines[-1]  # metatrain has no --img-size
+    assert "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())  # nothing to clean up: the same command can run again

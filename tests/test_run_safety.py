@@ -211,3 +211,14 @@ def test_the_identity_of_a_hub_net_names_the_commit_it_resolved_to(tmp_path, mon
     assert identity["weights revision"] == commit
     assert identity["weights digest"] == artifact_identity(str(repo / "snapshots" / commit), net)["weights digest"]
     assert artifact_identity("x", make_net(seed=1))["weights digest"] != identity["weights digest"]
+
+
+def test_an_interrupt_before_the_first_checkpoint_does_not_promise_a_resume(tmp_path):
+    import signal
+
+    from cmw_transfer.trainer.engine import Interrupted
+
+    early = str(Interrupted(signal.SIGINT, tmp_path, None))
+    assert "--overwrite" in early and "--resume" not in early  # there is no checkpoint to resume from
+    later = str(Interrupted(signal.SIGTERM, tmp_path, 3))
+    assert "epoch 3" in later and "--resume continues" in later

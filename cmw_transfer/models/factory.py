@@ -113,14 +113,15 @@ def load_initial_checkpoint(model: nn.Module, path: str | os.PathLike, name: str
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, *, pretrained: bool = False,
                  checkpoint_path: str | os.PathLike | None = None, img_size: int | None = None,
-                 input_size: tuple[int, int] | None = None, **timm_kwargs: Any) -> nn.Module:
+                 input_size: tuple[int, int] | None = None, resizable: bool = True, **timm_kwargs: Any) -> nn.Module:
     """A classifier with ``num_classes`` outputs for ``in_chans``-channel inputs.
 
     ``name``: a built-in, a timm name or ``hf-hub:ORG/NAME``. ``pretrained``: timm's pretrained weights (from the
     Hugging Face cache; offline without them is a one-line UserError). ``checkpoint_path``: an initial checkpoint
     loaded after construction (timm ``--initial-checkpoint``). ``img_size``: the square input size, passed to the
     models that are built for one (ViTs) and checked; ``input_size``: ``(H, W)`` to check without resizing (e.g.
-    8 x 8 digits). A model that cannot take the input is a UserError naming the fix.
+    8 x 8 digits). A model that cannot take the input is a UserError naming the fix (``--img-size`` only where
+    the command has it: ``resizable``).
     """
     key = name.replace("-", "_")
     if key in BUILTIN_MODELS:
@@ -138,7 +139,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, *, pretrained: 
         load_initial_checkpoint(model, checkpoint_path, name)
     size = (img_size, img_size) if img_size is not None else input_size
     if size is not None:
-        check_geometry(model, (in_chans, *size), name)
+        check_geometry(model, (in_chans, *size), name, resizable=resizable)
     return model
 
 

@@ -44,8 +44,9 @@ def data_config(model: nn.Module, geometry: tuple[int, int, int]) -> dict[str, A
     return cfg
 
 
-def check_geometry(model: nn.Module, geometry: tuple[int, int, int], name: str) -> None:
-    """One forward of a zero sample in eval mode (no grad); a model that cannot take the input is a UserError."""
+def check_geometry(model: nn.Module, geometry: tuple[int, int, int], name: str, *, resizable: bool = True) -> None:
+    """One forward of a zero sample in eval mode (no grad); a model that cannot take the input is a UserError
+    (``resizable``: the command has ``--img-size``, so the message offers it)."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
@@ -56,9 +57,10 @@ def check_geometry(model: nn.Module, geometry: tuple[int, int, int], name: str) 
     except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
         channels, height, width = geometry
         detail = " ".join(str(exc).split())[:160]
+        fix = f"resize with --img-size (e.g. --img-size {suggested_size(model)}) or pick" if resizable else "pick"
         raise UserError(
-            f"model '{name}' cannot take {channels}x{height}x{width} inputs ({detail}): resize with --img-size "
-            f"(e.g. --img-size {suggested_size(model)}) or pick a model for small images ({SMALL_INPUT_MODELS})"
+            f"model '{name}' cannot take {channels}x{height}x{width} inputs ({detail}): {fix} a model for small "
+            f"images ({SMALL_INPUT_MODELS})"
         ) from None
     finally:
         model.train(was_training)

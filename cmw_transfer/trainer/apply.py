@@ -505,7 +505,7 @@ class ERMTrainer(Stage):
             scored = [(acc, c) for c, acc in enumerate(per_class) if acc is not None and trained[c]]
             acc, worst = min(scored or [(acc, c) for c, acc in enumerate(per_class) if acc is not None])
             summary["worst_class"] = {"class": worst, "top1": acc}
-            if self.ctx.is_main and self.progress:
+            if self.ctx.is_main:  # also under --no-progress: only the bar goes
                 progress_write(f"worst class: {worst} at {acc:.1f}% test top-1")
         return summary
 

@@ -70,8 +70,12 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int, out: Path, epoch_label: int | None) -> None:
         name = signal.Signals(signum).name
-        done = f"epoch {epoch_label}" if epoch_label is not None else "no epoch yet"
-        super().__init__(f"{name}: stopped; the checkpoint in {out} ({done}) is intact, --resume continues")
+        if epoch_label is None:  # nothing to resume from: say what does work
+            super().__init__(f"{name}: stopped before the first epoch ended; {out} holds no checkpoint: start "
+                             "again with --overwrite")
+        else:
+            super().__init__(f"{name}: stopped; the checkpoint in {out} (epoch {epoch_label}) is intact, --resume "
+                             "continues")
         self.signum = signum
 
 

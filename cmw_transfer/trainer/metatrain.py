@@ -91,8 +91,9 @@ class MetaTrainer(Stage):
         centers, families = fit_families(self.class_counts, cfg.families)
         self.centers = centers
         self.family_of_class = torch.as_tensor(families, dtype=torch.long, device=self.device)
-        in_chans = train[0][0].shape[0]
-        self.model = create_model(cfg.model, self.num_classes, in_chans).to(self.device)
+        sample_shape = tuple(train[0][0].shape)  # a model that cannot take it is one line here, before any file
+        self.model = create_model(cfg.model, self.num_classes, sample_shape[0],
+                                  input_size=sample_shape[1:], resizable=False).to(self.device)
         self.wnet, self.objective = self.build_meta_model()
         self.loader = make_loader(train, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
                                   distributed=False)
