@@ -1,5 +1,6 @@
 """Suite-wide setup."""
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -12,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in offline mode: hub specs resolve through huggingface_hub's real code path
+    against files the test writes there, and nothing reaches the network."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache

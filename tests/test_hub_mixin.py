@@ -18,15 +18,6 @@ from tests.helpers import make_net, run_cli
 from tests.test_weights_spec import write_hub_cache
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def cached_repo(cache, repo_id, net, commit="a" * 40):
     repo_dir = write_hub_cache(cache, repo_id, commit, net)
     (repo_dir / "refs" / "main").write_text(commit)

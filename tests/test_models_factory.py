@@ -3,7 +3,6 @@ input geometry shared by model and transform."""
 
 from __future__ import annotations
 
-import huggingface_hub
 import pytest
 import timm
 import torch
@@ -19,15 +18,6 @@ def test_model_name_suggestions():
     assert similar_models("resnet_18")[0] == "resnet18"
     with pytest.raises(UserError, match=r"unknown model 'resnet_18'.*similar: resnet18"):
         create_model("resnet_18", 10)
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def populate(cache, repo_id: str, model: torch.nn.Module, commit: str = "c" * 40) -> None:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import zipfile
 
-import huggingface_hub
 import pytest
 import torch
 
@@ -44,15 +43,6 @@ def write_hub_cache(cache, repo_id, commit, net):
     net.save_pretrained(snap)
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     return repo_dir
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def test_hub_loads_from_cache_and_pins_revision(offline_cache):
