@@ -146,16 +146,22 @@ class CMWLoss(nn.Module):
                  process_group: Any = None, **kwargs: Any) -> CMWLoss:
         """Families re-fitted on ``class_counts``; under torch.distributed, first checks that every rank of
         ``process_group`` (default: the world) passed the same counts (a collective: build it on every rank)."""
-        check_same_across_ranks(class_counts, process_group)
-        _warn_if_strong_tail(net, class_counts, stacklevel=3 if kwargs.pop("_via_spec", False) else 2)
-        return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)
+        return cls._for_counts(net, class_counts, normalization, process_group, kwargs)
 
     @classmethod
     def from_spec(cls, spec: str, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch", *,
                   process_group: Any = None, **kwargs: Any) -> CMWLoss:
         """``from_net`` on ``CMWNet.from_pretrained(spec)``; keywords: ``ignore_index``, ``label_smoothing``."""
-        return cls.from_net(CMWNet.from_pretrained(spec), class_counts, normalization, process_group=process_group,
-                            _via_spec=True, **kwargs)
+        return cls._for_counts(CMWNet.from_pretrained(spec), class_counts, normalization, process_group, kwargs)
+
+    @classmethod
+    def _for_counts(cls, net: CMWNet, class_counts: Sequence[int] | np.ndarray, normalization: str,
+                    process_group: Any, kwargs: dict[str, Any]) -> CMWLoss:
+        """What ``from_net`` and ``from_spec`` share; called directly by both, so a warning's ``stacklevel`` of
+        3 is the user's line."""
+        check_same_across_ranks(class_counts, process_group)
+        _warn_if_strong_tail(net, class_counts, stacklevel=3)
+        return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)
 
     @torch.no_grad()
     def weights(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
