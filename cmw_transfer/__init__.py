@@ -7,15 +7,10 @@ The public names below are loaded on first use (module ``__getattr__``), so ``im
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from cmw_transfer.defaults import __version__
 from cmw_transfer.errors import UserError
-
-try:
-    __version__ = version("cmw-transfer")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0"
 
 _LAZY = {
     "CMWNet": "cmw_transfer.artifact",

@@ -4,7 +4,7 @@
     python scripts/bench_apply.py --device cuda --batch-size 256 --repeats 15
 
 ERM step: ``zero_grad; CE(model(x), y).backward(); step``, written out by hand. Apply step: the real
-:class:`cmw_transfer.trainer.steps.ApplyStepper` with a frozen CMW-Net (K=3, hidden 100, the paper's size),
+:class:`cmw_transfer.trainer.apply.steps.ApplyStepper` with a frozen CMW-Net (K=3, hidden 100, the paper's size),
 including its on-device statistics. Soft-label mode is the same stepper with EMA teacher, pseudo-labels and mixup,
 reported separately because its teacher forward is part of the method. Each repeat times every mode for the same
 number of steps, in rotating order, on identical model copies; the table gives medians over repeats of per-step
@@ -26,8 +26,10 @@ import torch.nn.functional as F  # noqa: N812
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.common import create_optimizer_and_scheduler, make_loader, resolve_device
-from cmw_transfer.trainer.steps import ApplyStepper, SoftLabelState
+from cmw_transfer.trainer.apply.steps import ApplyStepper, SoftLabelState
+from cmw_transfer.trainer.engine.distributed import resolve_device
+from cmw_transfer.trainer.engine.loaders import make_loader
+from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
 from cmw_transfer.weighting import CMWLoss
 
 

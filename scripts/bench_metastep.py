@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.models import create_model, parameter_stages
-from cmw_transfer.trainer.metastep import (
+from cmw_transfer.trainer.meta.metastep import (
     FamusGates,
     VirtualStep,
     forward_directional_derivatives,
@@ -49,7 +49,7 @@ from cmw_transfer.trainer.metastep import (
     reverse_directional_derivatives,
     virtual_names,
 )
-from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
+from cmw_transfer.trainer.meta.objectives import TrainBatch, WeightedCE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import derivative_alternatives as alt

@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from cmw_transfer.artifact.net import CMWNet  # noqa: E402
 from cmw_transfer.models import create_model  # noqa: E402
-from cmw_transfer.trainer.metastep import VirtualStep, meta_gradient, virtual_names  # noqa: E402
-from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE  # noqa: E402
+from cmw_transfer.trainer.meta.metastep import VirtualStep, meta_gradient, virtual_names  # noqa: E402
+from cmw_transfer.trainer.meta.objectives import TrainBatch, WeightedCE  # noqa: E402
 from tests.reference_official import authors_net_like, official_iteration  # noqa: E402
 
 FAMILY = [2, 2, 1, 1, 1, 0, 0, 0, 0, 0]  # class -> head, the authors' list ``c``

@@ -2,7 +2,7 @@
 
 ``scripts/bench_metastep.py`` times each of them (alone, against a plain forward of the batch, and inside a whole
 exact meta-iteration with its peak memory) next to the implementation, the fused dual forward of
-:func:`cmw_transfer.trainer.metastep.forward_directional_derivatives`:
+:func:`cmw_transfer.trainer.meta.metastep.forward_directional_derivatives`:
 
 * ``reverse-shared``: the authors' double-backward form on the training forward's own graph: the weighted backward
   itself runs with ``create_graph`` on weights ``u = c`` (so it still yields the actual step's gradient), and after
@@ -30,14 +30,14 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.func import functional_call
 
-from cmw_transfer.trainer.dual_forward import FusedTangents, _split
-from cmw_transfer.trainer.metastep import (
+from cmw_transfer.trainer.meta.dual_forward import FusedTangents, _split
+from cmw_transfer.trainer.meta.metastep import (
     VirtualStep,
     forward_directional_derivatives,
     virtual_names,
     virtual_weights,
 )
-from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
+from cmw_transfer.trainer.meta.objectives import TrainBatch, WeightedCE
 
 Params = dict[str, torch.Tensor]
 

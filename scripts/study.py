@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from study_table import print_table
 
 from cmw_transfer.dataset import create_dataset
-from cmw_transfer.trainer.apply import ApplyConfig, run_apply
-from cmw_transfer.trainer.metatrain import MetaTrainConfig, MetaTrainer
+from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
+from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
 
 SETTINGS = {  # name -> (noise, imbalance)
     "asym": ("asym:0.4", None),

@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from study_table import print_table
 
-from cmw_transfer.trainer.apply import ApplyConfig, run_apply
+from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
 from cmw_transfer.trainer.config import METHOD_DEFAULTS, MetaTrainConfig
-from cmw_transfer.trainer.registry import create_trainer
+from cmw_transfer.trainer.engine.registry import create_trainer
 
 SETTINGS = {  # name -> (noise, imbalance)
     "pairflip": ("asym:0.6:pairflip", None),

@@ -50,12 +50,12 @@ from study_table import cell
 from cmw_transfer.artifact.curvenet import CurveNet
 from cmw_transfer.dataset import create_dataset
 from cmw_transfer.metrics import clean_noisy_auc
-from cmw_transfer.trainer.apply import ApplyConfig, run_apply
-from cmw_transfer.trainer.curvenet import DECAY_FRACTIONS, CurveNetConfig, CurveNetTrainer
-from cmw_transfer.trainer.engine import register_callback, remove_callback
-from cmw_transfer.trainer.loss_curves import curve_criterion
-from cmw_transfer.trainer.metatrain import MetaTrainConfig, MetaTrainer
-from cmw_transfer.trainer.probe import ProbeConfig, run_probe
+from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
+from cmw_transfer.trainer.curvenet.allocate import DECAY_FRACTIONS, CurveNetConfig, CurveNetTrainer
+from cmw_transfer.trainer.curvenet.probe import ProbeConfig, run_probe
+from cmw_transfer.trainer.engine.loop import register_callback, remove_callback
+from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
+from cmw_transfer.weighting.curves import curve_criterion
 
 SETTINGS = {  # name -> (noise, imbalance)
     "lt+noise": ("sym:0.4", 10.0),

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 
-from cmw_transfer.trainer.engine import register_callback, remove_callback
+from cmw_transfer.trainer.engine.loop import register_callback, remove_callback
 
 
 class AtStep:

@@ -7,7 +7,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.func import functional_call
 
-from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
+from cmw_transfer.trainer.meta.objectives import SoftLabelCE, TrainBatch, WeightedCE
 
 
 def _clone(buffers):

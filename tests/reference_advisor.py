@@ -4,7 +4,7 @@ Per meta step: a deep copy of the classifier is run in train mode on the trainin
 CE of its pooled features (detached), the advisor sees the detached features and losses, the virtual loss is the
 MES cross-entropy of the masked features; its gradient is taken with ``create_graph=True`` and written into the
 copy as non-leaf tensors (``w - lr * g``, the ``update_params`` trick); the copy's plain forward on the meta batch
-gives the meta CE, backpropagated to the advisor. Nothing of :mod:`cmw_transfer.trainer.advisor` is used.
+gives the meta CE, backpropagated to the advisor. Nothing of :mod:`cmw_transfer.trainer.meta.advisor` is used.
 """
 
 from __future__ import annotations

@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.func import functional_call
 
-from cmw_transfer.eql import EQLWeighting, equalized_cross_entropy, rare_class_mask
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics import evaluate
 from cmw_transfer.models import create_model
 from cmw_transfer.models.builtin import SmallCNN
-from cmw_transfer.trainer.advisor import AdvisorNet, advisor_meta_gradient, make_split, parse_advisor
-from cmw_transfer.trainer.advisor_train import AdvisorTrainer
-from cmw_transfer.trainer.config import MetaTrainConfig
-from cmw_transfer.trainer.metastep import VirtualStep, virtual_names
+from cmw_transfer.trainer.config import MetaTrainConfig, parse_advisor
+from cmw_transfer.trainer.meta.advisor import AdvisorNet, advisor_meta_gradient, make_split
+from cmw_transfer.trainer.meta.metastep import VirtualStep, virtual_names
+from cmw_transfer.trainer.metatrain.advisor import AdvisorTrainer
+from cmw_transfer.weighting.eql import EQLWeighting, equalized_cross_entropy, rare_class_mask
 from tests.faults import crash_at
 from tests.helpers import call_main
 from tests.reference_advisor import deepcopy_advisor_meta_gradient, mes_ce

@@ -20,13 +20,14 @@ from cmw_transfer.artifact.scales import DegenerateScalesWarning
 from cmw_transfer.cli import main
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics import evaluate
-from cmw_transfer.trainer.apply import run_apply
-from cmw_transfer.trainer.common import DistributedContext, make_loader
+from cmw_transfer.trainer.apply.erm import run_apply
+from cmw_transfer.trainer.apply.steps import ApplyStepper
 from cmw_transfer.trainer.config import ApplyConfig
-from cmw_transfer.trainer.evaluation import evaluate_sharded
-from cmw_transfer.trainer.families import loss_range_report, target_families
-from cmw_transfer.trainer.steps import ApplyStepper
+from cmw_transfer.trainer.engine.distributed import DistributedContext
+from cmw_transfer.trainer.engine.evaluation import evaluate_sharded
+from cmw_transfer.trainer.engine.loaders import make_loader
 from cmw_transfer.weighting import CMWLoss
+from cmw_transfer.weighting.families import loss_range_report, target_families
 from tests.helpers import downweighting_net
 
 MODEL = "test_resnet"  # a tiny timm model
@@ -273,7 +274,7 @@ def test_nproc_relaunches_the_same_command_under_torchrun():
 def test_plugin_loss_in_a_plain_loop_and_in_the_soft_label_form(weights_dir):
     from cmw_transfer.dataset import create_dataset
     from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.soft_labels import PseudoLabelBank, SoftLabelCMWLoss, make_teacher, teacher_probs
+    from cmw_transfer.weighting.soft_labels import PseudoLabelBank, SoftLabelCMWLoss, make_teacher, teacher_probs
 
     train_set = create_dataset("digits", noise="asym:0.4", imbalance=10)
     loader = make_loader(train_set, 64, train=True, workers=0, seed=0, distributed=False)

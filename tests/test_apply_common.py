@@ -8,15 +8,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.common import (
-    DistributedContext,
-    ShardSampler,
-    create_optimizer_and_scheduler,
-    derive_seed,
-    make_loader,
-    resolve_device,
-    seed_everything,
-)
+from cmw_transfer.trainer.engine.distributed import DistributedContext, resolve_device
+from cmw_transfer.trainer.engine.loaders import ShardSampler, derive_seed, make_loader, seed_everything
+from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
 
 
 def test_resolve_device():

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from cmw_transfer.baselines import ClassBalancedWeighting, FocalWeighting
+from cmw_transfer.weighting.baselines import ClassBalancedWeighting, FocalWeighting
 
 
 def test_focal_weight_is_one_minus_pt_to_the_gamma():
@@ -46,7 +46,7 @@ def test_loss_is_weighted_mean():
 
 
 def test_apply_runs_the_fixed_baselines(tmp_path):
-    from cmw_transfer.trainer.apply import ApplyConfig, run_apply
+    from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
 
     torch.set_num_threads(1)
     for weighting in ("focal", "class-balanced"):

@@ -35,8 +35,8 @@ def no_training(monkeypatch):
     """Fail the test if a command gets as far as loading data or building a model."""
     import cmw_transfer.cli.apply_cmd as apply_cmd_module
     import cmw_transfer.dataset.registry as registry
-    import cmw_transfer.trainer.apply as apply_mod
-    import cmw_transfer.trainer.metatrain as meta_mod
+    import cmw_transfer.trainer.apply.erm as apply_mod
+    import cmw_transfer.trainer.metatrain.stage as meta_mod
 
     def forbidden(*args, **kwargs):
         raise AssertionError("reached data loading / training")
@@ -128,7 +128,7 @@ def test_metatrain_refuses_before_loading_anything(capsys, tmp_path, no_training
 
 def test_the_largest_documented_values_are_accepted(capsys, tmp_path, monkeypatch):
     """The bounds are inclusive where documented: the command reaches the trainer with them."""
-    import cmw_transfer.trainer.apply as apply_mod
+    import cmw_transfer.trainer.apply.erm as apply_mod
 
     seen = {}
 

@@ -21,12 +21,12 @@ from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.dataset import create_dataset
 from cmw_transfer.errors import UserError
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.common import derive_seed
-from cmw_transfer.trainer.curvenet import CurveNetConfig, CurveNetTrainer
-from cmw_transfer.trainer.loss_curves import CurveFeatures, class_curve_stats, load_curves, resample
-from cmw_transfer.trainer.metastep import VirtualStep, meta_gradient, virtual_names
-from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
-from cmw_transfer.trainer.probe import ProbeConfig, cyclical_lr, run_probe
+from cmw_transfer.trainer.curvenet.allocate import CurveNetConfig, CurveNetTrainer
+from cmw_transfer.trainer.curvenet.probe import ProbeConfig, cyclical_lr, run_probe
+from cmw_transfer.trainer.engine.loaders import derive_seed
+from cmw_transfer.trainer.meta.metastep import VirtualStep, meta_gradient, virtual_names
+from cmw_transfer.trainer.meta.objectives import TrainBatch, WeightedCE
+from cmw_transfer.weighting.curves import CurveFeatures, class_curve_stats, load_curves, resample
 from tests.faults import kill_command
 from tests.helpers import call_main
 from tests.reference import naive_meta_gradient

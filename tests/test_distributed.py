@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmw_transfer.trainer.apply import run_apply
+from cmw_transfer.trainer.apply.erm import run_apply
 from cmw_transfer.trainer.config import ApplyConfig
 from tests.faults import kill_command
 from tests.helpers import downweighting_net
@@ -60,7 +60,7 @@ def test_two_gloo_processes_agree_and_only_rank0_writes(tmp_path, weights_dir):
     from cmw_transfer.dataset import create_dataset
     from cmw_transfer.metrics import evaluate
     from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.common import make_loader
+    from cmw_transfer.trainer.engine.loaders import make_loader
 
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     model = create_model(MODEL, 10, 1)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from cmw_transfer.artifact.scales import DegenerateScalesWarning, fit_families
-from cmw_transfer.baselines import ClassBalancedWeighting
 from cmw_transfer.dataset import create_dataset, split_per_class
 from cmw_transfer.metrics.accuracy import shot_masks, shot_split_accuracy
+from cmw_transfer.weighting.baselines import ClassBalancedWeighting
 from tests.fixtures_data import write_png, write_webvision
 from tests.helpers import call_main
 

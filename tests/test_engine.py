@@ -21,11 +21,12 @@ from torch.utils.data import TensorDataset
 import cmw_transfer.trainer
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.log import MetricsLog
-from cmw_transfer.trainer.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from cmw_transfer.trainer.common import DistributedContext, make_loader
-from cmw_transfer.trainer.engine import Engine, Interrupted, Stage, register_callback, remove_callback
-from cmw_transfer.trainer.registry import create_trainer, list_trainers, register_trainer, trainer_class
-from cmw_transfer.trainer.rundir import LOCK_NAME, RunDirectory
+from cmw_transfer.trainer.engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from cmw_transfer.trainer.engine.distributed import DistributedContext
+from cmw_transfer.trainer.engine.loaders import make_loader
+from cmw_transfer.trainer.engine.loop import Engine, Interrupted, Stage, register_callback, remove_callback
+from cmw_transfer.trainer.engine.registry import create_trainer, list_trainers, register_trainer, trainer_class
+from cmw_transfer.trainer.engine.rundir import LOCK_NAME, RunDirectory
 from tests.faults import AtStep, crash_at
 
 CPU = DistributedContext(torch.device("cpu"))
@@ -327,9 +328,9 @@ def test_no_import_cycle_in_the_trainer_package():
         if m not in state:
             found = cycle_from(m, [m])
             assert found is None, "import cycle: " + " -> ".join(found or [])
-    assert "cmw_transfer.trainer.oltr" not in graph["cmw_transfer.trainer.apply"]  # stages found by the registry
+    assert "cmw_transfer.trainer.apply.oltr" not in graph["cmw_transfer.trainer.apply.erm"]  # stages found by the registry
     engine_level = ("engine", "checkpoint", "rundir", "evaluation", "common", "registry")
-    stages = {"cmw_transfer.trainer.apply", "cmw_transfer.trainer.oltr", "cmw_transfer.trainer.metatrain"}
+    stages = {"cmw_transfer.trainer.apply.erm", "cmw_transfer.trainer.apply.oltr", "cmw_transfer.trainer.metatrain.stage"}
     for name in engine_level:
         assert not graph[f"cmw_transfer.trainer.{name}"] & stages, name  # nothing below imports a stage
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')"

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from cmw_transfer.eql import EQLWeighting
+from cmw_transfer.trainer.apply.steps import weighted_ce
 from cmw_transfer.trainer.config import ApplyConfig
-from cmw_transfer.trainer.steps import weighted_ce
+from cmw_transfer.weighting.eql import EQLWeighting
 from tests.helpers import call_main
 
 

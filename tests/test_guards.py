@@ -1,4 +1,4 @@
-"""The guards that keep a frozen net from wrecking a target run (cmw_transfer.guards)."""
+"""The guards that keep a frozen net from wrecking a target run (cmw_transfer.weighting.guards)."""
 
 import os
 
@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cmw_transfer import CMWNet
-from cmw_transfer.guards import (
+from cmw_transfer.weighting.guards import (
     AUTO_CAP,
     READY_FRACTION,
     ClassWeightMonitor,

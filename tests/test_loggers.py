@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import cmw_transfer.trainer.engine as engine_mod
+import cmw_transfer.trainer.engine.loop as engine_mod
 from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
 from tests.helpers import call_main
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.memory import (
+from cmw_transfer.trainer.engine.memory import (
     DISABLE_ENV,
     PARAMETER_COPIES,
     available_memory,

@@ -10,14 +10,14 @@ from torch.func import functional_call
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.metastep import (
+from cmw_transfer.trainer.config import parse_meta_grad
+from cmw_transfer.trainer.meta.metastep import (
     FamusGates,
     VirtualStep,
     meta_gradient,
-    parse_meta_grad,
     virtual_names,
 )
-from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
+from cmw_transfer.trainer.meta.objectives import SoftLabelCE, TrainBatch, WeightedCE
 from tests.reference import naive_meta_gradient
 
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.metastep import forward_directional_derivatives, virtual_names
-from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
+from cmw_transfer.trainer.meta.metastep import forward_directional_derivatives, virtual_names
+from cmw_transfer.trainer.meta.objectives import SoftLabelCE, TrainBatch, WeightedCE
 
 
 def case(name, train=True, classes=4):

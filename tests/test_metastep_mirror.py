@@ -9,8 +9,8 @@ from torch.func import functional_call
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.metastep import meta_gradient, virtual_names, virtual_step_from_optimizer
-from cmw_transfer.trainer.objectives import TrainBatch, WeightedCE
+from cmw_transfer.trainer.meta.metastep import meta_gradient, virtual_names, virtual_step_from_optimizer
+from cmw_transfer.trainer.meta.objectives import TrainBatch, WeightedCE
 
 
 def tiny():
@@ -132,7 +132,7 @@ def test_mirrored_meta_gradient_equals_finite_differences():
 
 
 def test_metatrain_runs_with_the_mirrored_step(tmp_path):
-    from cmw_transfer.trainer.metatrain import MetaTrainConfig, MetaTrainer
+    from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
 
     cfg = MetaTrainConfig(src="digits-pmd", out=str(tmp_path / "run"), epochs=2, warmup_epochs=1, batch_size=64,
                           meta_set="clean:5", meta_batch_size=50, device="cpu", seed=0, mirror_optimizer=True)

@@ -10,8 +10,8 @@ import torch
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.metastep import VirtualStep, meta_gradient, virtual_names
-from cmw_transfer.trainer.objectives import SoftLabelCE, TrainBatch, WeightedCE
+from cmw_transfer.trainer.meta.metastep import VirtualStep, meta_gradient, virtual_names
+from cmw_transfer.trainer.meta.objectives import SoftLabelCE, TrainBatch, WeightedCE
 from tests.reference_official import (
     SoftLabels,
     authors_grads_as_cmwnet,

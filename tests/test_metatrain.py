@@ -9,7 +9,7 @@ import torch
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.metatrain import MetaTrainConfig, MetaTrainer
+from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
 from tests.faults import crash_at
 from tests.helpers import call_main
 

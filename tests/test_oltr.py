@@ -24,12 +24,13 @@ from cmw_transfer.models.oltr import (
     discriminative_centroid_loss,
     reachability,
 )
-from cmw_transfer.trainer.apply import run_apply
-from cmw_transfer.trainer.checkpoint import config_fingerprint
-from cmw_transfer.trainer.common import DistributedContext, make_loader
+from cmw_transfer.trainer.apply.erm import run_apply
+from cmw_transfer.trainer.apply.oltr import ClassAwareSampler
+from cmw_transfer.trainer.apply.openset import class_centroids, hold_out_classes, parse_open_classes, train_eval_view
 from cmw_transfer.trainer.config import EQL_FIELDS, OLTR_FIELDS, RESUME_FREE, ApplyConfig
-from cmw_transfer.trainer.oltr import ClassAwareSampler
-from cmw_transfer.trainer.openset import class_centroids, hold_out_classes, parse_open_classes, train_eval_view
+from cmw_transfer.trainer.engine.checkpoint import config_fingerprint
+from cmw_transfer.trainer.engine.distributed import DistributedContext
+from cmw_transfer.trainer.engine.loaders import make_loader
 from tests.faults import crash_at
 
 MODEL = "test_resnet"  # a tiny timm model: 96-d pooled features, a 1x1 feature map on 8x8 digits
@@ -378,8 +379,8 @@ def test_relaunch_keeps_oltr_options_and_leaves_the_auto_attention_alone():
 # -- ImageNet-LT's open split -------------------------------------------------------------------------------------
 def test_imagenet_lt_open_list_is_the_open_set(tmp_path):
     from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.apply import build_setup as _setup
-    from cmw_transfer.trainer.openset import evaluate_open_set
+    from cmw_transfer.trainer.apply.setup import build_setup as _setup
+    from cmw_transfer.trainer.apply.openset import evaluate_open_set
     from tests.fixtures_data import write_imagenet_lt, write_png
 
     rows = write_imagenet_lt(tmp_path)
@@ -396,7 +397,8 @@ def test_imagenet_lt_open_list_is_the_open_set(tmp_path):
         assert explicit.open_ds.targets.tolist() == setup.open_ds.targets.tolist()
         torch.manual_seed(0)
         model = create_model(MODEL, 1000, 3)
-        report = evaluate_open_set(setup, model, centroids=torch.randn(1000, 96))
+        report = evaluate_open_set(model, setup.eval_loaders[0][1], setup.open_loader, torch.randn(1000, 96),
+                                   setup.counts, CPU, cfg)
     assert report["n_unknown"] == 4 and report["n_known"] == 6  # unreadable test images are skipped
     assert 0 <= report["f1"] <= 1 and 0 <= report["auroc"] <= 1
     os.remove(tmp_path / "ImageNet_LT" / "ImageNet_LT_open.txt")

@@ -14,8 +14,8 @@ from cmw_transfer.dataset import create_dataset
 from cmw_transfer.metrics import evaluate
 from cmw_transfer.models import create_model
 from cmw_transfer.models.oltr import ModulatedAttention, OLTRModel
-from cmw_transfer.trainer.common import make_loader
-from cmw_transfer.trainer.openset import hold_out_classes
+from cmw_transfer.trainer.apply.openset import hold_out_classes
+from cmw_transfer.trainer.engine.loaders import make_loader
 
 MODEL = "test_resnet"
 

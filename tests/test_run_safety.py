@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.apply import run_apply
+from cmw_transfer.trainer.apply.erm import run_apply
 from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
-from cmw_transfer.trainer.metatrain import MetaTrainer
+from cmw_transfer.trainer.metatrain.stage import MetaTrainer
 from tests.faults import kill_command
 from tests.helpers import call_main, downweighting_net, make_net
 
@@ -198,7 +198,7 @@ def test_the_identity_of_a_hub_net_names_the_commit_it_resolved_to(tmp_path, mon
     import huggingface_hub
 
     from cmw_transfer.artifact.net import CMWNet
-    from cmw_transfer.trainer.apply import artifact_identity
+    from cmw_transfer.trainer.apply.setup import artifact_identity
     from tests.test_weights_spec import write_hub_cache
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -216,7 +216,7 @@ def test_the_identity_of_a_hub_net_names_the_commit_it_resolved_to(tmp_path, mon
 def test_an_interrupt_before_the_first_checkpoint_does_not_promise_a_resume(tmp_path):
     import signal
 
-    from cmw_transfer.trainer.engine import Interrupted
+    from cmw_transfer.trainer.engine.loop import Interrupted
 
     early = str(Interrupted(signal.SIGINT, tmp_path, None))
     assert "--overwrite" in early and "--resume" not in early  # there is no checkpoint to resume from

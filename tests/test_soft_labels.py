@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from cmw_transfer.trainer.soft_labels import (
+from cmw_transfer.weighting.soft_labels import (
     PseudoLabelBank,
     SoftLabelCMWLoss,
     make_teacher,

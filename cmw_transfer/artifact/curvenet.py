@@ -41,10 +41,11 @@ from cmw_transfer.artifact.fileformat import (
     read_header,
 )
 from cmw_transfer.atomic import atomic_path, write_json
+from cmw_transfer.defaults import CURVENET_MODES
 from cmw_transfer.errors import UserError
 
 METHOD = "curvenet"
-MODES = ("faithful", "transferable")
+MODES = CURVENET_MODES
 FORMAT_VERSION = 1
 LAST_BIAS = 4.5  # sigmoid(4.5) = 0.989: initial weights ~1, as the authors' init
 

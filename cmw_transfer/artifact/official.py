@@ -312,7 +312,7 @@ def from_official(
                   "re-import with --calibrate-on SPEC to record one")
     if calibrate_on:
         loss_range, range_note = calibrate_loss_range(calibrate_on, **(calibrate_options or {}))
-    from cmw_transfer import __version__
+    from cmw_transfer.defaults import __version__
 
     provenance = {
         "origin": f"the authors' released weighting net ({kind}), converted by cmw-transfer import; "
@@ -359,7 +359,9 @@ def calibrate_loss_range(spec: str, *, data_dir: str | None = None, model: str =
 
     from cmw_transfer.dataset import create_dataset
     from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.common import create_optimizer_and_scheduler, make_loader, resolve_device
+    from cmw_transfer.trainer.engine.distributed import resolve_device
+    from cmw_transfer.trainer.engine.loaders import make_loader
+    from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
 
     if epochs < 1:
         raise UserError(f"--calibrate-epochs must be >= 1, got {epochs}")

@@ -228,9 +228,9 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, config_file: str | 
     adds metrics.csv and/or TensorBoard event files.
     """
     from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
-    from cmw_transfer.trainer.apply import run_apply
+    from cmw_transfer.trainer.apply.erm import run_apply
+    from cmw_transfer.trainer.apply.openset import parse_open_classes
     from cmw_transfer.trainer.config import ApplyConfig
-    from cmw_transfer.trainer.openset import parse_open_classes
 
     configure_threads(options.pop("threads"), local_world_size())  # type: ignore[arg-type]  (per rank)
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]

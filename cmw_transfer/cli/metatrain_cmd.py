@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from typing import Any
 
 import click
 
 from cmw_transfer.cli import options as opt
-from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.config import METHOD_DEFAULTS, METHODS, MetaTrainConfig, recipe_for
+from cmw_transfer.trainer.config import METHODS, resolve_metatrain
 
-# option name -> (type, help); defaults come from the source's recipe, then from MetaTrainConfig
+# option name -> (type, help); defaults: the source's recipe, then MetaTrainConfig (trainer.config.resolve)
 OPTIONS: dict[str, tuple[Any, str]] = {
     "data_dir": (str, "Root folder of the source dataset's files."),
     "noise": (str, "Extra noise steps, e.g. sym:0.4+asym:0.2 or pmd1:0.35+asym:0.3."),
@@ -98,36 +96,12 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     the progress bar go to stderr. Epochs count from 1, as in apply.
     """
     from cmw_transfer.runtime import configure_threads
-    from cmw_transfer.trainer.registry import create_trainer
+    from cmw_transfer.trainer.engine.registry import create_trainer
 
     configure_threads(threads, 1)  # one process
-    config_cls, stage = MetaTrainConfig, None
-    if options.get("method") == "curvenet":
-        from cmw_transfer.trainer.curvenet import CURVENET_RECIPE, CurveNetConfig
-
-        config_cls, stage = CurveNetConfig, "curvenet"
-    else:
-        given = [f"--{k.replace('_', '-')}" for k in CURVENET_OPTIONS if options.get(k) is not None]
-        if given:
-            raise UserError(f"{', '.join(given)} only apply to --method curvenet")
-        for key in CURVENET_OPTIONS:
-            options.pop(key)
-    values = {f.name: f.default for f in fields(config_cls)}
-    values.update(recipe_for(src))
-    if config_cls is not MetaTrainConfig:
-        values.update(CURVENET_RECIPE, method="curvenet")
-    from_file = config_cls.from_file(config_file).to_dict() if config_file else {}
-    given = {k: v for k, v in options.items() if v is not None}
-    method = given.get("method", from_file.get("method", values["method"]))
-    values.update(METHOD_DEFAULTS.get(method, {}))
-    values.update(from_file)
-    values.update(given)
-    values.update(src=src, out=out)
-    if mirror_optimizer:
-        values["mirror_optimizer"] = True
-    cfg = config_cls.from_dict(values)
-    stage = stage or ("advisor" if cfg.method == "advisor" else "metatrain")
-    result = create_trainer(stage, cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
+    cfg = resolve_metatrain({**options, "src": src, "out": out, "mirror_optimizer": mirror_optimizer or None},
+                            config_file)
+    result = create_trainer(cfg.trainer_name(), cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return

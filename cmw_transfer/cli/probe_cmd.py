@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 
 import click
 
 from cmw_transfer.cli.options import log_option
 
-# option name -> (type, help); defaults come from the dataset's probe recipe, then from ProbeConfig
+# option name -> (type, help); defaults: the dataset's probe recipe, then ProbeConfig (trainer.config.resolve)
 OPTIONS: dict[str, tuple[type, str]] = {
     "data_root": (str, "Root folder of the dataset's files."),
     "noise": (str, "Inject label noise, e.g. sym:0.4 (the same as the later metatrain/apply run)."),
@@ -57,20 +56,12 @@ def probe_cmd(dataset: str, out: str, resume: bool, overwrite: bool, threads: in
     The curves feed metatrain --method curvenet --curves OUT, or apply --weights CURVENET --curves OUT. Under
     torchrun every rank writes its shard's rows. Prints the summary as one JSON object on stdout.
     """
-    from cmw_transfer.dataset import resolve_source
     from cmw_transfer.runtime import configure_threads, local_world_size
-    from cmw_transfer.trainer.probe import PROBE_RECIPES, ProbeConfig, run_probe
+    from cmw_transfer.trainer.config import resolve_probe
+    from cmw_transfer.trainer.curvenet.probe import run_probe
 
     configure_threads(threads, local_world_size())  # per rank under torchrun
-
-    values = {f.name: f.default for f in fields(ProbeConfig)}
-    try:
-        base = resolve_source(dataset)[0]
-    except Exception:  # an unknown spec is reported by the dataset loader, with its own message
-        base = dataset
-    values.update(PROBE_RECIPES.get(base, {}))
-    values.update({k: v for k, v in options.items() if v is not None})
-    values.update(dataset=dataset, out=out, resume=resume, overwrite=overwrite, progress=not quiet)
-    summary = run_probe(ProbeConfig.from_dict(values))
+    summary = run_probe(resolve_probe({**options, "dataset": dataset, "out": out, "resume": resume,
+                                       "overwrite": overwrite, "progress": not quiet}))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(summary, sort_keys=True))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cmw_transfer.atomic import write_text
+from cmw_transfer.defaults import TENSORBOARD_HINT
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.log import strict_json
 
@@ -82,8 +83,6 @@ class TensorBoardLogger:
     """Scalars per epoch in ``directory`` (``torch.utils.tensorboard``)."""
 
     def __init__(self, directory: str | Path, *, purge_step: int | None = None) -> None:
-        from cmw_transfer.trainer.config import TENSORBOARD_HINT
-
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:

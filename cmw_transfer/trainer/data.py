@@ -20,8 +20,8 @@ from cmw_transfer.bias.apply import apply_bias
 from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
 from cmw_transfer.dataset.classes import warn_empty_classes
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
-from cmw_transfer.trainer.metasets import MetaSetSpec, check_class_sizes
+from cmw_transfer.trainer.config import ApplyConfig, MetaSetSpec, MetaTrainConfig
+from cmw_transfer.trainer.meta.metasets import check_class_sizes
 
 WEBVISION = ("webvision-full", "mini-webvision")  # evaluated on WebVision val; ILSVRC12 val via extra_eval
 FILE_SOURCES = ("list:", "folder:")

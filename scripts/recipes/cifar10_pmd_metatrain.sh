@@ -8,7 +8,7 @@
 # The transferable net of the paper (CMW-Net-SL on PMD-I 35% + asym 30%) is the `cmwnet-sl` run below; its
 # recipe (ResNet-32 here, 120 epochs, 45 CE warm-up epochs, lowest-loss meta set of 10 per class rebuilt every
 # epoch, a meta step every 10 iterations, Adam 1e-3, EMA teacher 0.999, mixup Beta(4,4)) is the default of
-# `--src cifar10-pmd` (cmw_transfer/trainer/metatrain.py: RECIPES).
+# `--src cifar10-pmd` (cmw_transfer/trainer/metatrain/stage.py: RECIPES).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:?set DATA to the folder that holds cifar-10-batches-py}

@@ -1,0 +1,74 @@
+"""The layering of a stage's settings, lowest first, in one place for every stage (the CLI only collects them).
+
+* meta-train: the dataclass defaults < the source's recipe (:data:`RECIPES`) < CurveNet's recipe (``method
+  curvenet``) < the method's defaults (:data:`METHOD_DEFAULTS`) < ``--config FILE`` < the command line;
+* probe: the dataclass defaults < the dataset's probe recipe (:data:`PROBE_RECIPES`) < the command line;
+* apply: the command line's values (its defaults are the dataclass's) < ``--config FILE`` < the options typed.
+
+``given`` holds the command line's values; ``None`` means "not given" for meta-train and probe options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from cmw_transfer.errors import UserError
+from cmw_transfer.trainer.config.apply import ApplyConfig
+from cmw_transfer.trainer.config.metatrain import (
+    CURVENET_RECIPE,
+    METHOD_DEFAULTS,
+    CurveNetConfig,
+    MetaTrainConfig,
+    recipe_for,
+)
+from cmw_transfer.trainer.config.probe import PROBE_RECIPES, ProbeConfig
+
+# the settings only --method curvenet reads
+CURVENET_ONLY = tuple(f.name for f in fields(CurveNetConfig) if f.name not in {g.name for g in fields(MetaTrainConfig)})
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls)}
+
+
+def resolve_metatrain(given: dict[str, Any], config_file: str | None = None) -> MetaTrainConfig:
+    """A :class:`MetaTrainConfig` (a :class:`CurveNetConfig` for ``method="curvenet"``); ``given["src"]`` picks the
+    recipe."""
+    given = {k: v for k, v in given.items() if v is not None}
+    curvenet = given.get("method") == "curvenet"
+    if not curvenet:
+        stray = [f"--{k.replace('_', '-')}" for k in CURVENET_ONLY if k in given]
+        if stray:
+            raise UserError(f"{', '.join(stray)} only apply to --method curvenet")
+    cls = CurveNetConfig if curvenet else MetaTrainConfig
+    values = {**_defaults(cls), **recipe_for(given["src"])}
+    if curvenet:
+        values.update(CURVENET_RECIPE, method="curvenet")
+    from_file = cls.from_file(config_file).to_dict() if config_file else {}
+    method = given.get("method", from_file.get("method", values["method"]))
+    values.update(METHOD_DEFAULTS.get(method, {}))
+    values.update(from_file)
+    values.update(given)
+    return cls.from_dict(values)
+
+
+def resolve_probe(given: dict[str, Any]) -> ProbeConfig:
+    """A :class:`ProbeConfig`; the recipe is the one of ``given["dataset"]``'s base dataset."""
+    from cmw_transfer.dataset import resolve_source
+
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        base = resolve_source(given["dataset"])[0]
+    except Exception:  # an unknown spec is reported by the dataset loader, with its own message
+        base = given["dataset"]
+    return ProbeConfig.from_dict({**_defaults(ProbeConfig), **PROBE_RECIPES.get(base, {}), **given})
+
+
+def resolve_apply(values: dict[str, Any], config_file: str | None = None, typed: frozenset[str] = frozenset()
+                  ) -> ApplyConfig:
+    """An :class:`ApplyConfig` from the command line's ``values``; with ``config_file``, the file's settings
+    replace every value whose name is not in ``typed`` (the options the user typed)."""
+    if config_file:
+        values = {**ApplyConfig.from_file(config_file).to_dict(), **{k: v for k, v in values.items() if k in typed}}
+    return ApplyConfig.from_dict(values)
