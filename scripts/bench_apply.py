@@ -71,11 +71,11 @@ def bench_steps(model_name: str, batch_size: int, img_size: int, num_classes: in
         erm_opt.step()
 
     cmw_model = copy.deepcopy(base)
-    cmw = ApplyStepper(cmw_model, optimizer_for(cmw_model), criterion=criterion, device=device)
+    cmw = ApplyStepper(cmw_model, optimizer_for(cmw_model), criterion=criterion)
     sl_model = copy.deepcopy(base)
     soft = SoftLabelState(sl_model, np.asarray(y.cpu()), num_classes, device=device, decay=0.997, alpha=1.0,
                           batch_size=batch_size)
-    sl = ApplyStepper(sl_model, optimizer_for(sl_model), criterion=criterion, device=device, soft=soft)
+    sl = ApplyStepper(sl_model, optimizer_for(sl_model), criterion=criterion, soft=soft)
 
     modes: dict[str, Callable[[], object]] = {
         "erm": erm_step,
@@ -91,7 +91,7 @@ def bench_steps(model_name: str, batch_size: int, img_size: int, num_classes: in
         order = names[r % len(names):] + names[: r % len(names)]  # rotate so no mode always runs first
         for name in order:
             times[name].append(_time_steps(modes[name], steps, device))
-        cmw.reset_stats()  # as at an epoch boundary: the loss samples list does not grow without bound
+        cmw.reset_stats()  # as at an epoch boundary
         sl.reset_stats()
     return times
 
@@ -110,8 +110,7 @@ def bench_loss_ops(batch_size: int, num_classes: int, iters: int, device: torch.
     idx = torch.arange(batch_size, device=device)
     counts = np.linspace(500, 50, num_classes).astype(int)
     criterion = CMWLoss.from_net(CMWNet(hidden_size=100, num_heads=3), counts).to(device)
-    stepper = ApplyStepper(torch.nn.Linear(1, 1).to(device), torch.optim.SGD([logits], lr=0.0),
-                           criterion=criterion, device=device)
+    stepper = ApplyStepper(torch.nn.Linear(1, 1).to(device), torch.optim.SGD([logits], lr=0.0), criterion=criterion)
 
     def plain() -> None:
         F.cross_entropy(logits, y).backward()
@@ -121,7 +120,7 @@ def bench_loss_ops(batch_size: int, num_classes: int, iters: int, device: torch.
         w = criterion.weights(losses, y)
         loss = (loss_coefficients(w, "batch") * losses).sum()
         loss.backward()
-        stepper._record(loss, losses, logits, y, idx, w)
+        stepper._record(loss, logits, y, idx, w)
 
     out = []
     for fn in (plain, weighted):

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from study_table import print_table
 
 from cmw_transfer.dataset import create_dataset
-from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
-from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
+from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
+from cmw_transfer.trainer.engine.launch import run_stage
 
 SETTINGS = {  # name -> (noise, imbalance)
     "asym": ("asym:0.4", None),
@@ -77,8 +77,8 @@ def run_one(method: str, noise: str | None, imbalance: float | None, seed: int, 
                   lr=args.lr, seed=seed, device="cpu")
     if method in ("mwnet", "cmwnet"):
         cfg = MetaTrainConfig(src="digits", out=str(out), method=method, meta_set="clean:10", meta_batch_size=100,
-                              warmup_epochs=args.warmup_epochs, **common)
-        return {"top1": float(MetaTrainer(cfg, progress=False).run()["final"]["test_top1"])}
+                              warmup_epochs=args.warmup_epochs, progress=False, **common)
+        return {"top1": float(run_stage(cfg)["final"]["test_top1"])}
     net, _, floor = method.partition("/floor=")
     if net in DEFAULT_TRANSFERS:  # apply's default warm-up (auto) and, unless named, its default class floor
         cfg = ApplyConfig(dataset="digits", out=str(out), weights=DEFAULT_TRANSFERS[net], workers=0, progress=False,
@@ -88,7 +88,7 @@ def run_one(method: str, noise: str | None, imbalance: float | None, seed: int, 
         cfg = ApplyConfig(dataset="digits", out=str(out), weighting=weighting,
                           weights=TRANSFER_NET if method == "transfer" else None, workers=0, progress=False,
                           overwrite=True, warmup_epochs=args.warmup_epochs, **common)
-    summary = run_apply(cfg)
+    summary = run_stage(cfg)
     result = {"top1": float(summary["final"]["test_top1"])}
     if cfg.weighting == "cmw":
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -45,9 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from study_table import print_table
 
-from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
-from cmw_transfer.trainer.config import METHOD_DEFAULTS, MetaTrainConfig
-from cmw_transfer.trainer.engine.registry import create_trainer
+from cmw_transfer.trainer.config import METHOD_DEFAULTS, ApplyConfig, MetaTrainConfig
+from cmw_transfer.trainer.engine.launch import launch, run_stage
 
 SETTINGS = {  # name -> (noise, imbalance)
     "pairflip": ("asym:0.6:pairflip", None),
@@ -75,10 +74,9 @@ def run_one(method: str, noise: str | None, imbalance: float | None, seed: int, 
     if method in ("erm", "eql"):
         cfg = ApplyConfig(dataset="digits", out=str(out), weighting="none" if method == "erm" else "eql",
                           workers=0, progress=False, overwrite=True, **common)
-        return float(run_apply(cfg)["final"]["test_top1"])
+        return float(run_stage(cfg)["final"]["test_top1"])
     cfg = meta_cfg(method, out, common, args)
-    stage = "advisor" if cfg.method == "advisor" else "metatrain"
-    return float(create_trainer(stage, cfg, progress=False).run()["final"]["test_top1"])
+    return float(run_stage(replace(cfg, progress=False))["final"]["test_top1"])
 
 
 # -- cost -----------------------------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def cost(args, workdir: Path) -> dict[str, dict[str, float]]:
         cfg = meta_cfg(method, workdir / f"cost-{name.replace(' ', '-')}", common, args)
         if name == "erm step":
             cfg = replace(cfg, warmup_epochs=1)
-        stage = create_trainer("advisor" if cfg.method == "advisor" else "metatrain", cfg, progress=False)
+        stage = launch(replace(cfg, progress=False)).stage
         stage.begin_epoch(0)
         stage.seed_epoch(0)
         stages[name] = stage

@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,9 @@ from study_table import cell
 from cmw_transfer.artifact.curvenet import CurveNet
 from cmw_transfer.dataset import create_dataset
 from cmw_transfer.metrics import clean_noisy_auc
-from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
-from cmw_transfer.trainer.curvenet.allocate import DECAY_FRACTIONS, CurveNetConfig, CurveNetTrainer
-from cmw_transfer.trainer.curvenet.probe import ProbeConfig, run_probe
+from cmw_transfer.trainer.config import DECAY_FRACTIONS, ApplyConfig, CurveNetConfig, MetaTrainConfig, ProbeConfig
+from cmw_transfer.trainer.engine.launch import launch, run_stage
 from cmw_transfer.trainer.engine.loop import register_callback, remove_callback
-from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
 from cmw_transfer.weighting.curves import curve_criterion
 
 SETTINGS = {  # name -> (noise, imbalance)
@@ -97,7 +96,7 @@ def common(args: Any, noise: str | None, imbalance: float | None, seed: int) -> 
 def probe(args: Any, out: Path, noise: str | None, imbalance: float | None, seed: int, meta_layout: bool
           ) -> tuple[Path, float]:
     t0 = time.perf_counter()
-    run_probe(ProbeConfig(dataset="digits", out=str(out), noise=noise, imbalance=imbalance, seed=seed,
+    run_stage(ProbeConfig(dataset="digits", out=str(out), noise=noise, imbalance=imbalance, seed=seed,
                           meta_set="clean:10" if meta_layout else None, model=args.model, epochs=args.probe_epochs,
                           batch_size=args.batch_size, lr=args.lr, workers=0, device="cpu", progress=False))
     return out, time.perf_counter() - t0
@@ -125,17 +124,17 @@ def run_method(method: str, noise: str | None, imbalance: float | None, seed: in
                               **common(args, noise, imbalance, seed))
         spy = register_callback(LastWeights())
         try:
-            trainer = MetaTrainer(cfg, progress=False)
+            trainer = launch(replace(cfg, progress=False))
             summary = trainer.run()
         finally:
             remove_callback(spy)
-        result.update(top1=summary["final"]["test_top1"], auc=tail_auc(spy.weights, trainer.data.train))
+        result.update(top1=summary["final"]["test_top1"], auc=tail_auc(spy.weights, trainer.stage.data.train))
     elif method == "curvenet":
         curves, probe_s = probe(args, work / f"probe-meta-{noise}-{imbalance}-{seed}", noise, imbalance, seed, True)
-        trainer = CurveNetTrainer(curvenet_config(args, out, curves, "faithful", noise, imbalance, seed),
-                                  progress=False)
+        trainer = launch(replace(curvenet_config(args, out, curves, "faithful", noise, imbalance, seed),
+                                 progress=False))
         summary = trainer.run()
-        result.update(top1=summary["final"]["test_top1"], auc=tail_auc(trainer.bank, trainer.data.train),
+        result.update(top1=summary["final"]["test_top1"], auc=tail_auc(trainer.stage.bank, trainer.stage.data.train),
                       probe_seconds=probe_s)
     else:
         curves = None
@@ -154,7 +153,7 @@ def run_method(method: str, noise: str | None, imbalance: float | None, seed: in
                           normalization=args.curvenet_normalization if curves else "batch",
                           **common(args, noise, imbalance, seed))
         t_train = time.perf_counter()
-        summary = run_apply(cfg)
+        summary = run_stage(cfg)
         result["train_seconds"] = time.perf_counter() - t_train
         result["top1"] = summary["final"]["test_top1"]
         if curves is not None:
@@ -170,7 +169,7 @@ def source_curvenet(args: Any, work: Path, seed: int) -> Path:
     noise, imbalance = SOURCE
     curves, _ = probe(args, work / f"probe-source-{seed}", noise, imbalance, seed, True)
     out = work / f"source-curvenet-{seed}"
-    CurveNetTrainer(curvenet_config(args, out, curves, "transferable", noise, imbalance, seed), progress=False).run()
+    run_stage(replace(curvenet_config(args, out, curves, "transferable", noise, imbalance, seed), progress=False))
     return out
 
 

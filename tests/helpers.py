@@ -45,3 +45,13 @@ def call_main(args: list[str], capsys) -> tuple[int, str, str]:
         main(list(args))
     captured = capsys.readouterr()
     return int(exc.value.code or 0), captured.out, captured.err
+
+
+def launch(cfg, **changes):  # -> cmw_transfer.trainer.engine.loop.Engine
+    """A stage as ``run_stage`` starts it (checks, stage, engine, a resume's checkpoint restored) but not yet run,
+    for tests that look into the stage (``engine.stage``). ``changes`` replace fields of ``cfg``; progress is off."""
+    from dataclasses import replace
+
+    from cmw_transfer.trainer.engine.launch import launch as start
+
+    return start(replace(cfg, **{"progress": False, **changes}))

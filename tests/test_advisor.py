@@ -18,10 +18,9 @@ from cmw_transfer.models.builtin import SmallCNN
 from cmw_transfer.trainer.config import MetaTrainConfig, parse_advisor
 from cmw_transfer.trainer.meta.advisor import AdvisorNet, advisor_meta_gradient, make_split
 from cmw_transfer.trainer.meta.metastep import VirtualStep, virtual_names
-from cmw_transfer.trainer.metatrain.advisor import AdvisorTrainer
 from cmw_transfer.weighting.eql import EQLWeighting, equalized_cross_entropy, rare_class_mask
 from tests.faults import crash_at
-from tests.helpers import call_main
+from tests.helpers import call_main, launch
 from tests.reference_advisor import deepcopy_advisor_meta_gradient, mes_ce
 
 
@@ -221,30 +220,30 @@ def test_cli_defaults_export_the_classifier_evaluated_without_the_mask(tmp_path,
     model = create_model(info["model"], info["num_classes"], in_chans=info["in_chans"])
     model.load_state_dict(load_file(str(out / "classifier.safetensors")))
     assert not (out / "model.safetensors").exists()  # not a weighting net
-    trainer = AdvisorTrainer(small_cfg(tmp_path / "x"), progress=False)  # the same test split
-    top1 = evaluate(model, trainer.test_loader, torch.device("cpu"))["top1"]
+    trainer = launch(small_cfg(tmp_path / "x"))  # the same test split
+    top1 = evaluate(model, trainer.stage.test_loader, torch.device("cpu"))["top1"]
     assert top1 == pytest.approx(result["final"]["test_top1"], abs=1e-6)  # evaluation: plain features
 
 
 def test_resume_after_interrupted_epoch_is_exact(tmp_path):
-    full = AdvisorTrainer(small_cfg(tmp_path / "a"), progress=False)
+    full = launch(small_cfg(tmp_path / "a"))
     full.run()
     cfg = small_cfg(tmp_path / "b")
-    broken = AdvisorTrainer(cfg, progress=False)
+    broken = launch(cfg)
     with crash_at(3, 4, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):  # in the middle of the last epoch
         broken.run()
-    resumed = AdvisorTrainer(cfg, resume=True, progress=False)
+    resumed = launch(cfg, resume=True)
     assert resumed.start_epoch == 2
     resumed.run()
-    for (k, a), b in zip(full.wnet.state_dict().items(), resumed.wnet.state_dict().values()):
+    for (k, a), b in zip(full.stage.wnet.state_dict().items(), resumed.stage.wnet.state_dict().values()):
         assert torch.equal(a, b), k
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (k, a), b in zip(full.stage.model.state_dict().items(), resumed.stage.model.state_dict().values()):
         assert torch.equal(a, b), k
     a = load_file(str(tmp_path / "a" / "run" / "classifier.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "classifier.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="nothing to resume"):
-        AdvisorTrainer(cfg, resume=True, progress=False).run()
+        launch(cfg, resume=True).run()
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
@@ -264,8 +263,8 @@ def test_any_timm_backbone_through_its_split_equals_the_oracle(name):
 
 @pytest.mark.parametrize("meta_grad", ["skip:1", "famus"])
 def test_stage_runs_the_cut_meta_gradients(tmp_path, meta_grad):
-    trainer = AdvisorTrainer(small_cfg(tmp_path, epochs=1, warmup_epochs=0, meta_grad=meta_grad), progress=False)
-    before = {k: v.clone() for k, v in trainer.wnet.state_dict().items()}
+    trainer = launch(small_cfg(tmp_path, epochs=1, warmup_epochs=0, meta_grad=meta_grad))
+    before = {k: v.clone() for k, v in trainer.stage.wnet.state_dict().items()}
     row = trainer.run()["final"]
     assert row["meta_steps"] > 0 and all(v == v for v in (row["meta_loss"], row["train_loss"]))
-    assert any(not torch.equal(before[k], v) for k, v in trainer.wnet.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.stage.wnet.state_dict().items())

@@ -20,14 +20,14 @@ from cmw_transfer.artifact.scales import DegenerateScalesWarning
 from cmw_transfer.cli import main
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics import evaluate
-from cmw_transfer.trainer.apply.erm import run_apply
 from cmw_transfer.trainer.apply.steps import ApplyStepper
 from cmw_transfer.trainer.config import ApplyConfig
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.evaluation import evaluate_sharded
+from cmw_transfer.trainer.engine.launch import run_stage
 from cmw_transfer.trainer.engine.loaders import make_loader
 from cmw_transfer.weighting import CMWLoss
-from cmw_transfer.weighting.families import loss_range_report, target_families
+from cmw_transfer.weighting.families import target_families
 from tests.helpers import downweighting_net
 
 MODEL = "test_resnet"  # a tiny timm model
@@ -65,7 +65,7 @@ def digits_run(tmp_path_factory, narrow_weights_dir) -> tuple[Path, dict, list]:
     out = tmp_path_factory.mktemp("run") / "apply"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = run_apply(digits_config(out, narrow_weights_dir))
+        summary = run_stage(digits_config(out, narrow_weights_dir))
     return out, summary, caught
 
 
@@ -92,14 +92,6 @@ def test_target_families_bad_input():
     with pytest.warns(DegenerateScalesWarning):
         info = target_families(net, np.array([50, 50, 50, 50]))
     assert info["family_of_class"] == [1, 1, 1, 1] and info["degenerate_rule"]
-
-
-def test_loss_range_report():
-    losses = np.linspace(0, 10, 1001)
-    rep = loss_range_report(losses, {"min": 0.0, "max": 5.0})
-    assert rep["frac_outside_range"] == pytest.approx(0.5, abs=0.01)
-    assert rep["loss_p50"] == pytest.approx(5.0) and rep["source_range"] == [0.0, 5.0]
-    assert "frac_outside_range" not in loss_range_report(losses, None)
 
 
 # -- the step -----------------------------------------------------------------------------------------------------
@@ -191,7 +183,7 @@ def test_warns_when_target_losses_leave_the_artifacts_range(digits_run):
 
 def test_soft_label_mode_updates_pseudo_labels(tmp_path, weights_dir):
     out = tmp_path / "sl"
-    summary = run_apply(digits_config(out, weights_dir, soft_labels=True, epochs=2, warmup_epochs=1))
+    summary = run_stage(digits_config(out, weights_dir, soft_labels=True, epochs=2, warmup_epochs=1))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     probs = state["soft"]["bank"]["probs"]
     assert probs.shape == (539, 10) and torch.allclose(probs.sum(1), torch.ones(539), atol=1e-5)
@@ -317,8 +309,8 @@ def test_class_aware_net_beats_plain_erm_on_noisy_long_tailed_digits(tmp_path):
         net.heads.bias.copy_(torch.tensor([5.0, 3.0, 3.0]))
     net.with_scales([10.0, 50.0, 100.0], {"min": 0.0, "max": 10.0}).save_pretrained(tmp_path / "net")
     common = dict(noise="asym:0.4", imbalance=3.0, epochs=30, warmup_epochs=5)
-    cmw = run_apply(digits_config(tmp_path / "cmw", tmp_path / "net", **common))["final"]["test_top1"]
-    erm = run_apply(digits_config(tmp_path / "erm", None, weighting="none", **common))["final"]["test_top1"]
+    cmw = run_stage(digits_config(tmp_path / "cmw", tmp_path / "net", **common))["final"]["test_top1"]
+    erm = run_stage(digits_config(tmp_path / "erm", None, weighting="none", **common))["final"]["test_top1"]
     assert cmw > erm + 3.0, (cmw, erm)
 
 
@@ -327,7 +319,7 @@ def test_loss_range_check_is_silent_during_the_ce_warm_up(tmp_path, narrow_weigh
     out = tmp_path / "apply"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_apply(digits_config(out, narrow_weights_dir, epochs=3, warmup_epochs=2))
+        run_stage(digits_config(out, narrow_weights_dir, epochs=3, warmup_epochs=2))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     high = 0.05  # narrow_weights_dir's recorded maximum
     for row in rows[:2]:

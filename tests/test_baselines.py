@@ -46,12 +46,13 @@ def test_loss_is_weighted_mean():
 
 
 def test_apply_runs_the_fixed_baselines(tmp_path):
-    from cmw_transfer.trainer.apply.erm import ApplyConfig, run_apply
+    from cmw_transfer.trainer.config import ApplyConfig
+    from cmw_transfer.trainer.engine.launch import run_stage
 
     torch.set_num_threads(1)
     for weighting in ("focal", "class-balanced"):
         cfg = ApplyConfig(dataset="digits", imbalance=5.0, out=str(tmp_path / weighting), weighting=weighting,
                           model="small_cnn", epochs=2, batch_size=64, lr=0.05, workers=0, device="cpu",
                           progress=False)
-        summary = run_apply(cfg)
+        summary = run_stage(cfg)
         assert summary["weighting"] == weighting and summary["final"]["test_top1"] > 20.0

@@ -35,13 +35,13 @@ def no_training(monkeypatch):
     """Fail the test if a command gets as far as loading data or building a model."""
     import cmw_transfer.cli.apply_cmd as apply_cmd_module
     import cmw_transfer.dataset.registry as registry
-    import cmw_transfer.trainer.apply.erm as apply_mod
+    import cmw_transfer.trainer.engine.launch as launch_mod
     import cmw_transfer.trainer.metatrain.stage as meta_mod
 
     def forbidden(*args, **kwargs):
         raise AssertionError("reached data loading / training")
 
-    monkeypatch.setattr(apply_mod, "run_apply", forbidden)
+    monkeypatch.setattr(launch_mod, "run_stage", forbidden)
     monkeypatch.setattr(meta_mod.MetaTrainer, "__init__", forbidden)
     monkeypatch.setattr(registry, "create_dataset", forbidden)
     monkeypatch.setattr(apply_cmd_module, "run_under_torchrun", forbidden)
@@ -128,7 +128,7 @@ def test_metatrain_refuses_before_loading_anything(capsys, tmp_path, no_training
 
 def test_the_largest_documented_values_are_accepted(capsys, tmp_path, monkeypatch):
     """The bounds are inclusive where documented: the command reaches the trainer with them."""
-    import cmw_transfer.trainer.apply.erm as apply_mod
+    import cmw_transfer.trainer.engine.launch as launch_mod
 
     seen = {}
 
@@ -136,7 +136,7 @@ def test_the_largest_documented_values_are_accepted(capsys, tmp_path, monkeypatc
         seen.update(cfg.to_dict())
         raise UserError("stop here")
 
-    monkeypatch.setattr(apply_mod, "run_apply", fake_run)
+    monkeypatch.setattr(launch_mod, "run_stage", fake_run)
     code, _, err = call_main([*APPLY, "--out", str(tmp_path / "r"), "--seed", str(2**63 - 1), "--img-size",
                               str(MAX_IMG_SIZE), "--cb-beta", "0", "--momentum", "0.999", "--lr", "100"], capsys)
     assert code == 2 and "stop here" in err

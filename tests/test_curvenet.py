@@ -21,14 +21,15 @@ from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.dataset import create_dataset
 from cmw_transfer.errors import UserError
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.curvenet.allocate import CurveNetConfig, CurveNetTrainer
-from cmw_transfer.trainer.curvenet.probe import ProbeConfig, cyclical_lr, run_probe
+from cmw_transfer.trainer.config import CurveNetConfig, ProbeConfig
+from cmw_transfer.trainer.curvenet.probe import cyclical_lr
+from cmw_transfer.trainer.engine.launch import run_stage
 from cmw_transfer.trainer.engine.loaders import derive_seed
 from cmw_transfer.trainer.meta.metastep import VirtualStep, meta_gradient, virtual_names
 from cmw_transfer.trainer.meta.objectives import TrainBatch, WeightedCE
 from cmw_transfer.weighting.curves import CurveFeatures, class_curve_stats, load_curves, resample
 from tests.faults import kill_command
-from tests.helpers import call_main
+from tests.helpers import call_main, launch
 from tests.reference import naive_meta_gradient
 
 PROBE = dict(dataset="digits", imbalance=10.0, noise="sym:0.4", epochs=5, batch_size=64, workers=0, device="cpu",
@@ -36,7 +37,7 @@ PROBE = dict(dataset="digits", imbalance=10.0, noise="sym:0.4", epochs=5, batch_
 
 
 def _probe(out: Path, **kw) -> dict:
-    return run_probe(ProbeConfig(out=str(out), **{**PROBE, **kw}))
+    return run_stage(ProbeConfig(out=str(out), **{**PROBE, **kw}))
 
 
 # -- the probe --------------------------------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def test_allocate_stage_stops_meta_updates_and_exports(tmp_path):
     cfg = CurveNetConfig(src="digits", out=str(tmp_path / "run"), noise="sym:0.4", imbalance=10.0,
                          curves=str(tmp_path / "curves"), curvenet_mode="transferable", curve_length=6, epochs=3,
                          meta_stop_epoch=1, sched="multistep", warmup_epochs=0, device="cpu", meta_grad="skip:1")
-    trainer = CurveNetTrainer(cfg, progress=False)
+    trainer = launch(cfg)
     summary = trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["meta_steps"] > 0 and [r["meta_steps"] for r in rows[1:]] == [0, 0]
@@ -286,8 +287,8 @@ def test_allocate_stage_stops_meta_updates_and_exports(tmp_path):
     net = CurveNet.from_pretrained(tmp_path / "run")
     assert net.mode == "transferable" and net.curve_length == 6 and net.probe["epochs"] == 8
     bank = np.load(tmp_path / "run" / "weights.npy")
-    assert bank.shape == (len(trainer.data.train),) and ((bank > 0.02) & (bank < 1.02)).all()
+    assert bank.shape == (len(trainer.stage.data.train),) and ((bank > 0.02) & (bank < 1.02)).all()
     wrong = CurveNetConfig(src="digits", out=str(tmp_path / "run2"), imbalance=10.0,
                            curves=str(tmp_path / "curves"), epochs=2, device="cpu")
     with pytest.raises(UserError, match="another training set"):  # probed with noise, this run has none
-        CurveNetTrainer(wrong, progress=False)
+        launch(wrong)

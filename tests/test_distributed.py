@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmw_transfer.trainer.apply.erm import run_apply
 from cmw_transfer.trainer.config import ApplyConfig
+from cmw_transfer.trainer.engine.launch import run_stage
 from tests.faults import kill_command
 from tests.helpers import downweighting_net
 
@@ -84,7 +84,7 @@ def test_resume_after_kill_9_reaches_the_same_final_state(tmp_path, weights_dir)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: same kernels, same numbers
     try:
-        reference = run_apply(ApplyConfig(out=str(ref_out), **common))
+        reference = run_stage(ApplyConfig(out=str(ref_out), **common))
     finally:
         torch.set_num_threads(torch_threads)
 

@@ -1,9 +1,8 @@
 """The engine and its plumbing, through a toy stage: exact resume, signals, checkpoint validation, the run
-directory, the metrics log, the registry, and no import cycle in the trainer package."""
+directory, the metrics log, the registry (the package's import graph: tests/test_architecture.py)."""
 
 from __future__ import annotations
 
-import ast
 import errno
 import json
 import os
@@ -18,7 +17,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import cmw_transfer.trainer
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.log import MetricsLog
 from cmw_transfer.trainer.engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
@@ -276,67 +274,6 @@ def test_registry():
         create_trainer("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_trainer("erm")(ToyStage)
-
-
-def _package_modules() -> list[str]:
-    root = Path(cmw_transfer.trainer.__file__).parent
-    return ["cmw_transfer.trainer"] + [f"cmw_transfer.trainer.{p.stem}" for p in sorted(root.glob("*.py"))
-                                       if p.stem != "__init__"]
-
-
-def _imports(module: str) -> set[str]:
-    """Modules of cmw_transfer that ``module`` imports, at any level, outside ``if TYPE_CHECKING:``."""
-    root = Path(cmw_transfer.trainer.__file__).parents[2]
-    rel = module.replace(".", "/")
-    path = root / f"{rel}/__init__.py" if (root / rel).is_dir() else root / f"{rel}.py"
-    tree = ast.parse(path.read_text())
-    found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
-    return {m for m in found if m.startswith("cmw_transfer.trainer.") and m in _package_modules()}
-
-
-def test_no_import_cycle_in_the_trainer_package():
-    modules = _package_modules()
-    graph = {m: _imports(m) - {m} for m in modules}
-    state: dict[str, int] = {}
-
-    def cycle_from(node: str, path: list[str]) -> list[str] | None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
-            if nxt not in state:
-                found = cycle_from(nxt, [*path, nxt])
-                if found:
-                    return found
-        state[node] = 2
-        return None
-
-    for m in modules:
-        if m not in state:
-            found = cycle_from(m, [m])
-            assert found is None, "import cycle: " + " -> ".join(found or [])
-    assert "cmw_transfer.trainer.apply.oltr" not in graph["cmw_transfer.trainer.apply.erm"]  # stages found by the registry
-    engine_level = ("engine", "checkpoint", "rundir", "evaluation", "common", "registry")
-    stages = {"cmw_transfer.trainer.apply.erm", "cmw_transfer.trainer.apply.oltr", "cmw_transfer.trainer.metatrain.stage"}
-    for name in engine_level:
-        assert not graph[f"cmw_transfer.trainer.{name}"] & stages, name  # nothing below imports a stage
-    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')"
-    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(cmw_transfer.trainer.__file__).parents[2])})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 class _Augmented(torch.utils.data.Dataset):

@@ -15,11 +15,11 @@ from tests.helpers import call_main
 def test_apply_step_uses_the_equalized_softmax():
     crit = EQLWeighting([500, 10, 200], threshold=0.05, rho=1.0)  # class 1 is rare
     logits, y = torch.tensor([[0.0, 3.0, 0.0]]), torch.tensor([0])
-    loss, losses, w = weighted_ce(logits, y, crit, "batch", weighted=True)
+    loss, losses, w = weighted_ce(logits, y, crit, weighted=True)
     want = -0.0 + torch.log(torch.tensor(2.0))  # class 1 left the denominator: log(e^0 + e^0)
     torch.testing.assert_close(losses, want[None])
     assert loss.item() == pytest.approx(want.item()) and w.tolist() == [1.0]
-    plain, _, _ = weighted_ce(logits, y, crit, "batch", weighted=False)  # warm-up: plain CE
+    plain, _, _ = weighted_ce(logits, y, crit, weighted=False)  # warm-up: plain CE
     assert plain.item() == pytest.approx(F.cross_entropy(logits, y).item())
 
 

@@ -132,9 +132,10 @@ def test_mirrored_meta_gradient_equals_finite_differences():
 
 
 def test_metatrain_runs_with_the_mirrored_step(tmp_path):
-    from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
+    from cmw_transfer.trainer.config import MetaTrainConfig
+    from tests.helpers import launch
 
     cfg = MetaTrainConfig(src="digits-pmd", out=str(tmp_path / "run"), epochs=2, warmup_epochs=1, batch_size=64,
                           meta_set="clean:5", meta_batch_size=50, device="cpu", seed=0, mirror_optimizer=True)
-    final = MetaTrainer(cfg, progress=False).run()["final"]
+    final = launch(cfg).run()["final"]
     assert final["meta_steps"] > 0 and final["meta_loss"] is not None and final["meta_loss"] == final["meta_loss"]

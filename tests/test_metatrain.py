@@ -9,9 +9,9 @@ import torch
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.metatrain.stage import MetaTrainConfig, MetaTrainer
+from cmw_transfer.trainer.config import MetaTrainConfig
 from tests.faults import crash_at
-from tests.helpers import call_main
+from tests.helpers import call_main, launch
 
 
 def small_cfg(tmp_path, **kw):
@@ -21,7 +21,7 @@ def small_cfg(tmp_path, **kw):
 
 
 def test_run_writes_a_loadable_artifact(tmp_path):
-    result = MetaTrainer(small_cfg(tmp_path), progress=False).run()
+    result = launch(small_cfg(tmp_path)).run()
     out = tmp_path / "run"
     net = CMWNet.from_pretrained(str(out))
     assert net.num_heads == 3 and net.centers == sorted(net.centers)
@@ -37,18 +37,18 @@ def test_run_writes_a_loadable_artifact(tmp_path):
 
 
 def test_resume_after_interrupted_epoch_is_exact(tmp_path):
-    full = MetaTrainer(small_cfg(tmp_path / "a"), progress=False)
+    full = launch(small_cfg(tmp_path / "a"))
     full.run()
     cfg = small_cfg(tmp_path / "b")
-    broken = MetaTrainer(cfg, progress=False)
+    broken = launch(cfg)
     with crash_at(3, 4, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):  # in the middle of the last epoch
         broken.run()
-    resumed = MetaTrainer(cfg, resume=True, progress=False)
+    resumed = launch(cfg, resume=True)
     assert resumed.start_epoch == 2
     resumed.run()
-    for (k, a), b in zip(full.wnet.state_dict().items(), resumed.wnet.state_dict().values()):
+    for (k, a), b in zip(full.stage.wnet.state_dict().items(), resumed.stage.wnet.state_dict().values()):
         assert torch.equal(a, b), k
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (k, a), b in zip(full.stage.model.state_dict().items(), resumed.stage.model.state_dict().values()):
         assert torch.equal(a, b), k
     lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
@@ -57,11 +57,11 @@ def test_resume_after_interrupted_epoch_is_exact(tmp_path):
 def test_a_checkpoint_that_counted_epochs_from_0_resumes_exactly_with_its_log_relabelled(tmp_path):
     """Meta-train runs once counted epochs from 0 (checkpoint and metrics.jsonl) and did not record it: such a
     run resumes, exactly, and its log then counts from 1 throughout."""
-    full = MetaTrainer(small_cfg(tmp_path / "a"), progress=False)
+    full = launch(small_cfg(tmp_path / "a"))
     full.run()
     cfg = small_cfg(tmp_path / "b")
     with crash_at(3, 4, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
-        MetaTrainer(cfg, progress=False).run()
+        launch(cfg).run()
     run = tmp_path / "b" / "run"
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["first_epoch"]) == (2, 1)
@@ -70,10 +70,10 @@ def test_a_checkpoint_that_counted_epochs_from_0_resumes_exactly_with_its_log_re
     torch.save(state, run / "checkpoint.pt")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "epoch": r["epoch"] - 1}) + "\n" for r in rows))
-    resumed = MetaTrainer(cfg, resume=True, progress=False)
+    resumed = launch(cfg, resume=True)
     assert resumed.start_epoch == 2
     resumed.run()
-    for (k, a), b in zip(full.wnet.state_dict().items(), resumed.wnet.state_dict().values()):
+    for (k, a), b in zip(full.stage.wnet.state_dict().items(), resumed.stage.wnet.state_dict().values()):
         assert torch.equal(a, b), k
     after = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in after] == [1, 2, 3] and after[:2] == rows[:2]
@@ -81,9 +81,9 @@ def test_a_checkpoint_that_counted_epochs_from_0_resumes_exactly_with_its_log_re
 
 
 def test_resume_refuses_other_configuration(tmp_path):
-    MetaTrainer(small_cfg(tmp_path, epochs=1), progress=False).run()
+    launch(small_cfg(tmp_path, epochs=1)).run()
     with pytest.raises(UserError, match="different configuration"):
-        MetaTrainer(small_cfg(tmp_path, epochs=1, lr=0.5), resume=True, progress=False)
+        launch(small_cfg(tmp_path, epochs=1, lr=0.5), resume=True)
 
 
 def test_meta_learning_beats_erm_under_strong_asymmetric_noise(tmp_path):
@@ -92,7 +92,7 @@ def test_meta_learning_beats_erm_under_strong_asymmetric_noise(tmp_path):
                   meta_batch_size=100)
     accs = {}
     for name, extra in {"erm": dict(warmup_epochs=6), "cmw": {}}.items():
-        trainer = MetaTrainer(small_cfg(tmp_path / name, **{**common, **extra}), progress=False)
+        trainer = launch(small_cfg(tmp_path / name, **{**common, **extra}))
         accs[name] = trainer.run()["final"]["test_top1"]
     assert accs["cmw"] > accs["erm"] + 3.0, accs
 
@@ -101,7 +101,7 @@ def test_lowest_loss_and_gmm_meta_sets_and_sl(tmp_path):
     for i, kw in enumerate([dict(meta_set="lowest-loss:5"), dict(meta_set="gmm", meta_grad="skip:2"),
                             dict(method="cmwnet-sl", mixup_alpha=1.0, meta_set="lowest-loss:5", meta_grad="famus"),
                             dict(method="mwnet", meta_interval=2, actual_step="updated")]):
-        trainer = MetaTrainer(small_cfg(tmp_path / str(i), epochs=2, **kw), progress=False)
+        trainer = launch(small_cfg(tmp_path / str(i), epochs=2, **kw))
         result = trainer.run()
         assert np.isfinite(result["final"]["meta_loss"]), kw
         if kw.get("method") == "mwnet":
@@ -110,14 +110,14 @@ def test_lowest_loss_and_gmm_meta_sets_and_sl(tmp_path):
 
 def test_nan_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path, epochs=3)
-    trainer = MetaTrainer(cfg, progress=False)
-    original = trainer.objective.terms
+    trainer = launch(cfg)
+    original = trainer.stage.objective.terms
 
     def poisoned(logits, batch):
         terms = original(logits, batch)
-        return terms * float("nan") if trainer.updates > 25 else terms
+        return terms * float("nan") if trainer.stage.updates > 25 else terms
 
-    monkeypatch.setattr(trainer.objective, "terms", poisoned)
+    monkeypatch.setattr(trainer.stage.objective, "terms", poisoned)
     with pytest.raises(UserError, match="non-finite training loss"):
         trainer.run()
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

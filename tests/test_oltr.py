@@ -24,12 +24,18 @@ from cmw_transfer.models.oltr import (
     discriminative_centroid_loss,
     reachability,
 )
-from cmw_transfer.trainer.apply.erm import run_apply
 from cmw_transfer.trainer.apply.oltr import ClassAwareSampler
-from cmw_transfer.trainer.apply.openset import class_centroids, hold_out_classes, parse_open_classes, train_eval_view
-from cmw_transfer.trainer.config import EQL_FIELDS, OLTR_FIELDS, RESUME_FREE, ApplyConfig
-from cmw_transfer.trainer.engine.checkpoint import config_fingerprint
+from cmw_transfer.trainer.apply.openset import class_centroids, hold_out_classes, train_eval_view
+from cmw_transfer.trainer.config import (
+    EQL_FIELDS,
+    OLTR_FIELDS,
+    RESUME_FREE,
+    ApplyConfig,
+    config_fingerprint,
+    parse_open_classes,
+)
 from cmw_transfer.trainer.engine.distributed import DistributedContext
+from cmw_transfer.trainer.engine.launch import run_stage
 from cmw_transfer.trainer.engine.loaders import make_loader
 from tests.faults import crash_at
 
@@ -240,7 +246,7 @@ def test_class_aware_sampler_visits_classes_equally_and_shards_exactly():
 @pytest.fixture(scope="module")
 def oltr_run(tmp_path_factory, weights_dir) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("oltr") / "run"
-    return out, run_apply(oltr_config(out, weights_dir))
+    return out, run_stage(oltr_config(out, weights_dir))
 
 
 def test_short_two_stage_run_reports_shot_splits_and_open_set(oltr_run):
@@ -275,7 +281,7 @@ def test_stage1_is_the_erm_run_and_the_memory_its_class_means(oltr_run, tmp_path
 
     out, _ = oltr_run
     erm_out = tmp_path / "erm"
-    run_apply(oltr_config(erm_out, weights_dir, trainer="erm"))
+    run_stage(oltr_config(erm_out, weights_dir, trainer="erm"))
     erm_rows, rows = _rows(erm_out), _rows(out)
     for key in ("train_loss", "test_top1", "test_few_top1", "open_f1", "open_auroc"):
         assert erm_rows[1][key] == rows[1][key], key
@@ -302,11 +308,11 @@ def test_resume_continues_either_stage_exactly(kill_at, oltr_run, tmp_path, weig
     out = tmp_path / "crashed"
     epoch, step = (int(part) for part in kill_at.split(":"))
     with crash_at(epoch, step, CrashError), pytest.raises(CrashError):
-        run_apply(oltr_config(out, weights_dir))
+        run_stage(oltr_config(out, weights_dir))
     done = int(kill_at.split(":")[0]) - 1
     assert [r["epoch"] for r in _rows(out)] == list(range(1, done + 1))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["stage"] == (1 if done == 2 else 2)
-    resumed = run_apply(oltr_config(out, weights_dir, resume=True))
+    resumed = run_stage(oltr_config(out, weights_dir, resume=True))
     assert resumed["final"] == reference["final"]
     strip = [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(out)]
     assert strip == [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(ref_out)]
@@ -317,7 +323,7 @@ def test_resume_continues_either_stage_exactly(kill_at, oltr_run, tmp_path, weig
 
 
 def test_erm_trainer_evaluates_the_open_set_too(tmp_path):
-    summary = run_apply(oltr_config(tmp_path / "erm", None, trainer="erm", weighting="none", epochs=1,
+    summary = run_stage(oltr_config(tmp_path / "erm", None, trainer="erm", weighting="none", epochs=1,
                                     open_threshold=0.5))
     final = summary["final"]
     assert final["open_threshold"] == 0.5 and final["open_n_unknown"] == 45 and 0 <= final["open_f1"] <= 1
@@ -379,8 +385,8 @@ def test_relaunch_keeps_oltr_options_and_leaves_the_auto_attention_alone():
 # -- ImageNet-LT's open split -------------------------------------------------------------------------------------
 def test_imagenet_lt_open_list_is_the_open_set(tmp_path):
     from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.apply.setup import build_setup as _setup
     from cmw_transfer.trainer.apply.openset import evaluate_open_set
+    from cmw_transfer.trainer.apply.setup import build_setup as _setup
     from tests.fixtures_data import write_imagenet_lt, write_png
 
     rows = write_imagenet_lt(tmp_path)

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.apply.erm import run_apply
 from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
-from cmw_transfer.trainer.metatrain.stage import MetaTrainer
+from cmw_transfer.trainer.engine.launch import run_stage
 from tests.faults import kill_command
-from tests.helpers import call_main, downweighting_net, make_net
+from tests.helpers import call_main, downweighting_net, launch, make_net
 
 MODEL = "test_resnet"
 
@@ -38,7 +37,7 @@ def apply_cfg(out: Path, weights: Path, **kw) -> ApplyConfig:
 @pytest.fixture(scope="module")
 def meta_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("meta") / "run"
-    MetaTrainer(meta_cfg(out), progress=False).run()
+    launch(meta_cfg(out)).run()
     return out
 
 
@@ -52,9 +51,9 @@ def test_metatrain_refuses_an_existing_run_without_a_flag_and_overwrites_with_on
     shutil.copytree(meta_run, out)
     before = _snapshot(out)
     with pytest.raises(UserError, match="--resume.*--overwrite"):
-        MetaTrainer(meta_cfg(out), progress=False)
+        launch(meta_cfg(out))
     assert _snapshot(out) == before
-    MetaTrainer(meta_cfg(out, epochs=1), overwrite=True, progress=False).run()
+    launch(meta_cfg(out, epochs=1), overwrite=True).run()
     assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
@@ -63,7 +62,7 @@ def test_metatrain_resume_of_a_finished_run_has_nothing_to_do(meta_run, tmp_path
     shutil.copytree(meta_run, out)
     before = _snapshot(out)
     with pytest.raises(UserError, match="finished all 2 epochs.*nothing to resume"):
-        MetaTrainer(meta_cfg(out), resume=True, progress=False).run()
+        launch(meta_cfg(out), resume=True).run()
     assert _snapshot(out) == before  # model.safetensors untouched (never a zero loss range)
 
 
@@ -72,7 +71,7 @@ def test_metatrain_killed_during_its_export_re_exports_the_same_net(meta_run, tm
     out = tmp_path / "run"
     shutil.copytree(meta_run, out)
     (out / lost).unlink()
-    result = MetaTrainer(meta_cfg(out), resume=True, progress=False).run()
+    result = launch(meta_cfg(out), resume=True).run()
     assert (out / "model.safetensors").read_bytes() == (meta_run / "model.safetensors").read_bytes()
     assert result["loss_range"]["max"] > 0 and result["final"]["epoch"] == 2
 
@@ -82,7 +81,7 @@ def test_metatrain_resume_with_other_epochs_is_refused(meta_run, tmp_path):
     shutil.copytree(meta_run, out)
     (out / "model.safetensors").unlink()
     with pytest.raises(UserError, match="--epochs 2.*this run has 3"):
-        MetaTrainer(meta_cfg(out, epochs=3), resume=True, progress=False)
+        launch(meta_cfg(out, epochs=3), resume=True)
 
 
 def test_metatrain_on_a_list_source_needs_an_evaluation_set(tmp_path, capsys):
@@ -122,12 +121,12 @@ def test_apply_resume_refuses_another_net_at_the_same_path(tmp_path):
     weights = tmp_path / "net"
     downweighting_net().save_pretrained(weights)
     out = tmp_path / "run"
-    run_apply(apply_cfg(out, weights, epochs=1))
+    run_stage(apply_cfg(out, weights, epochs=1))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert len(state["identity"]["weights digest"]) == 16
     make_net().save_pretrained(weights)  # replaced in place: same --weights string, another net
     with pytest.raises(UserError, match="weights digest"):
-        run_apply(apply_cfg(out, weights, epochs=1, resume=True))
+        run_stage(apply_cfg(out, weights, epochs=1, resume=True))
 
 
 def test_sigint_with_workers_exits_130_and_resume_finishes(tmp_path):
@@ -148,18 +147,18 @@ def test_sigint_with_workers_exits_130_and_resume_finishes(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert not (out / ".lock").exists()
     saved = ApplyConfig.from_dict(json.loads((out / "config.json").read_text()))  # config.json loads back
-    summary = run_apply(replace(saved, resume=True, workers=0, progress=False))
+    summary = run_stage(replace(saved, resume=True, workers=0, progress=False))
     assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert summary["final"]["test_top1"] is not None
 
 
 def test_a_run_that_never_applies_its_weighting_says_so(tmp_path):
     with pytest.warns(UserWarning, match="never had a meta step"):
-        MetaTrainer(meta_cfg(tmp_path / "meta", epochs=1, warmup_epochs=1), progress=False).run()
+        launch(meta_cfg(tmp_path / "meta", epochs=1, warmup_epochs=1)).run()
     weights = tmp_path / "net"
     downweighting_net().save_pretrained(weights)
     with pytest.warns(UserWarning, match="weighting is never applied"):
-        run_apply(apply_cfg(tmp_path / "apply", weights, epochs=1, warmup_epochs=1))
+        run_stage(apply_cfg(tmp_path / "apply", weights, epochs=1, warmup_epochs=1))
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
@@ -197,8 +196,7 @@ def test_cli_config_file_with_command_line_overrides(tmp_path, capsys):
 def test_the_identity_of_a_hub_net_names_the_commit_it_resolved_to(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from cmw_transfer.artifact.net import CMWNet
-    from cmw_transfer.trainer.apply.setup import artifact_identity
+    from cmw_transfer.artifact.load import load, state_digest
     from tests.test_weights_spec import write_hub_cache
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -206,11 +204,12 @@ def test_the_identity_of_a_hub_net_names_the_commit_it_resolved_to(tmp_path, mon
     commit = "a" * 40
     repo = write_hub_cache(tmp_path, "org/net", commit, make_net())
     (repo / "refs" / "main").write_text(commit)
-    net = CMWNet.from_pretrained("hub:org/net")
-    identity = artifact_identity("hub:org/net", net)
-    assert identity["weights revision"] == commit
-    assert identity["weights digest"] == artifact_identity(str(repo / "snapshots" / commit), net)["weights digest"]
-    assert artifact_identity("x", make_net(seed=1))["weights digest"] != identity["weights digest"]
+    loaded = load("hub:org/net")
+    assert loaded.kind == "cmwnet" and loaded.identity["weights revision"] == commit
+    local = load(str(repo / "snapshots" / commit))
+    assert local.identity == {"weights digest": loaded.identity["weights digest"]}  # a local net has no revision
+    other = make_net(seed=1)
+    assert state_digest(other, other.config()) != loaded.identity["weights digest"]
 
 
 def test_an_interrupt_before_the_first_checkpoint_does_not_promise_a_resume(tmp_path):

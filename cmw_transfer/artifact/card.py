@@ -188,3 +188,39 @@ def render_model_card(net: CMWNet, *, metrics: dict[str, Any] | None = None, spe
         citation=CITATION,
         format_version=net.format_version,
     )
+
+
+# -- an imported net (cmw_transfer.artifact.official) -------------------------------------------------------------
+def origin_note(net: CMWNet) -> str:
+    """The model-card section of an imported net: the authors' net, and how it was converted."""
+    p = net.provenance
+    counts = p.get("source_counts")
+    lines = [
+        "## Origin: the authors' net, converted",
+        "",
+        f"This is **the authors' released weighting net**, not one trained by cmw-transfer: `{p.get('origin_file')}` "
+        f"(sha256 `{p.get('origin_sha256')}`), the format of {p.get('origin_repo')} `{p.get('origin_path')}`, "
+        f"converted with `cmw-transfer import` (cmw-transfer {p.get('toolkit_version')}).",
+        "",
+        f"- Conversion: {p.get('conversion')}.",
+        f"- Head map: {p.get('head_map')} ({p.get('head_order_reason')}).",
+        f"- Method: {p.get('method')}" + (" (apply it with `--soft-labels`: the weight interpolates between the "
+                                          "given label and the pseudo-label, as the authors use it)."
+                                          if p.get("method") == "cmwnet-sl" else "."),
+        f"- Source: {p.get('source')}; bias {p.get('bias')}.",
+        f"- Centers: {net.centers} from source class counts {counts} ({p.get('source_counts_origin')}); on a target "
+        "the families are re-fitted on the target's own counts, so the centers are informational.",
+        f"- Loss range: {p.get('loss_range')}.",
+        "- Licence: the authors' repository states no licence for its weights; do not redistribute them without the "
+        "authors' permission.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def with_origin_note(card: str, net: CMWNet) -> str:
+    """The card with :func:`origin_note` before its first section (and the authors' weights' licence unknown)."""
+    note = origin_note(net)
+    card = card.replace("\nlicense: mit\n", "\nlicense: unknown\n", 1)  # the weights are the authors', not MIT
+    head, sep, rest = card.partition("\n## ")
+    return f"{head}\n{note}\n## {rest}" if sep else f"{card.rstrip()}\n\n{note}"

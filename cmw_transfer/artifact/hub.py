@@ -142,7 +142,9 @@ def from_hub(cls: type[CMWNet], repo_id: str, *, revision: str | None = None,
             config_path: Path | None = Path(hf_hub_download(filename=fileformat.CONFIG_NAME, **kwargs))
         except (EntryNotFoundError, LocalEntryNotFoundError):  # the header alone is enough
             config_path = None
-    return fileformat.load_net(cls, weights, config_path=config_path)
+    model = fileformat.load_net(cls, weights, config_path=config_path)
+    model.revision = weights.parent.name if weights.parent.parent.name == "snapshots" else None
+    return model
 
 
 def from_official(path: str | os.PathLike, **kwargs: Any) -> CMWNet:

@@ -55,6 +55,7 @@ class CMWNet(
         self.loss_range = dict(loss_range) if loss_range else None
         self.provenance = dict(provenance) if provenance else {}
         self.format_version = int(format_version)
+        self.revision: str | None = None  # the Hub commit it was loaded from (None: not from the Hub)
         self.trunk = nn.Linear(1, hidden_size)
         self.heads = nn.Linear(hidden_size, num_heads)
 
@@ -147,6 +148,12 @@ class CMWNet(
 
 
 _BACKEND: list[ModuleType] = []
+
+
+def loss_range_of(losses: np.ndarray) -> dict[str, float]:
+    """What a net records as its ``loss_range``: min / p1 / p50 / p99 / max of per-sample losses (zeros for none)."""
+    q = np.quantile(losses, [0.0, 0.01, 0.5, 0.99, 1.0]) if losses.size else np.zeros(5)
+    return dict(zip(("min", "p1", "p50", "p99", "max"), (round(float(v), 6) for v in q)))
 
 
 def register_backend(module: ModuleType) -> None:

@@ -24,13 +24,14 @@ import pickle
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cmw_transfer.artifact.card import with_origin_note
 from cmw_transfer.artifact.curves import family_names
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.artifact.scales import fit_scale_centers
@@ -282,16 +283,16 @@ def from_official(
     head_order: str | Sequence[int] | None = None,
     source_counts: str | Sequence[float] | None = None,
     method: str | None = None,
-    calibrate_on: str | None = None,
-    calibrate_options: dict[str, Any] | None = None,
+    calibrate: Callable[[], tuple[dict[str, float], str]] | None = None,
 ) -> CMWNet:
     """Load and convert the authors' file into a :class:`CMWNet` whose provenance says exactly what it is.
 
     ``head_order``: toolkit head ``i`` (the ``i``-th smallest class-size family) = official head ``head_order[i]``;
     default ``(1, 2, 0)`` for a 3-head CMW-Net (see :data:`DEFAULT_HEAD_ORDER`). ``source_counts``: the source's
     per-class counts, clustered with the toolkit's k-means into the centers (default for ``official-cmwnet``: the
-    authors' CIFAR-10 PMD counts). ``calibrate_on``: a dataset spec; a short plain-CE run on it records a loss range
-    (see :func:`calibrate_loss_range`, ``calibrate_options`` go there), otherwise the loss range is unknown.
+    authors' CIFAR-10 PMD counts). ``calibrate``: called once the file is read and checked, it returns the loss range
+    and how it was measured (the CLI's ``--calibrate-on``: :func:`cmw_transfer.trainer.calibrate.calibrate_loss_range`);
+    without it the loss range is unknown.
     """
     if kind not in KINDS:
         raise UserError(f"unknown official format '{kind}'; expected one of {', '.join(KINDS)}")
@@ -310,8 +311,8 @@ def from_official(
     loss_range = None
     range_note = ("unknown: the authors' file records none (the net takes raw, unnormalised cross-entropy); "
                   "re-import with --calibrate-on SPEC to record one")
-    if calibrate_on:
-        loss_range, range_note = calibrate_loss_range(calibrate_on, **(calibrate_options or {}))
+    if calibrate is not None:
+        loss_range, range_note = calibrate()
     from cmw_transfer.defaults import __version__
 
     provenance = {
@@ -345,104 +346,7 @@ def from_official(
     return net
 
 
-# -- loss-range calibration ---------------------------------------------------------------------------------------
-def calibrate_loss_range(spec: str, *, data_dir: str | None = None, model: str = "small_cnn", epochs: int = 3,
-                         batch_size: int = 128, lr: float = 0.05, seed: int = 0, device: str = "cpu",
-                         img_size: int | None = None) -> tuple[dict[str, float], str]:
-    """A short plain cross-entropy run on ``spec``; ``(loss_range, note)`` from the per-sample losses of its last epoch.
-
-    The same statistic the meta-train stage records (min, p1, p50, p99, max of the training losses seen in the last
-    epoch, train mode, observed labels), but from a plain-CE run of a small model: a rough scale of the losses the
-    net will see, not the authors' source range.
-    """
-    import torch.nn.functional as F  # noqa: N812
-
-    from cmw_transfer.dataset import create_dataset
-    from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.engine.distributed import resolve_device
-    from cmw_transfer.trainer.engine.loaders import make_loader
-    from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
-
-    if epochs < 1:
-        raise UserError(f"--calibrate-epochs must be >= 1, got {epochs}")
-    transform = None
-    if img_size is not None:
-        from cmw_transfer.dataset.images import make_transform
-
-        transform = make_transform("train", img_size)
-    try:
-        ds = create_dataset(spec, data_dir, "train", transform=transform, seed=seed)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise UserError(f"--calibrate-on {spec}: {exc}; point --calibrate-data-dir at the data") from None
-    torch.manual_seed(seed)
-    dev = resolve_device(device)
-    in_chans = getattr(ds, "input_shape", (3,))[0]
-    net = create_model(model, num_classes=int(ds.num_classes), in_chans=in_chans).to(dev)
-    loader = make_loader(ds, batch_size, train=True, workers=0, seed=seed, distributed=False)
-    optimizer, scheduler = create_optimizer_and_scheduler(net, lr=lr, epochs=epochs, steps_per_epoch=len(loader))
-    updates = 0
-    losses: list[torch.Tensor] = []
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        net.train()
-        losses = []
-        for batch in loader:
-            if batch is None:
-                continue
-            x, y = batch[0].to(dev), batch[1].to(dev)
-            per_sample = F.cross_entropy(net(x).float(), y, reduction="none")
-            losses.append(per_sample.detach().cpu())
-            optimizer.zero_grad(set_to_none=True)
-            per_sample.mean().backward()
-            optimizer.step()
-            updates += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=updates)
-    seen = torch.cat(losses).numpy() if losses else np.zeros(0)
-    seen = seen[np.isfinite(seen)]
-    if seen.size == 0:
-        raise UserError(f"--calibrate-on {spec}: no training losses were seen (empty or unreadable dataset)")
-    q = np.quantile(seen, [0.0, 0.01, 0.5, 0.99, 1.0])
-    loss_range = dict(zip(("min", "p1", "p50", "p99", "max"), (round(float(v), 6) for v in q)))
-    note = (f"calibrated by cmw-transfer, not the authors' source range: per-sample CE of the last of {epochs} "
-            f"plain-CE epoch(s) of {model} on {spec} ({seen.size} samples, lr {lr}, seed {seed})")
-    return loss_range, note
-
-
 # -- writing ------------------------------------------------------------------------------------------------------
-def card_note(net: CMWNet) -> str:
-    """The model-card section that says this is the authors' net and how it was converted."""
-    p = net.provenance
-    counts = p.get("source_counts")
-    lines = [
-        "## Origin: the authors' net, converted",
-        "",
-        f"This is **the authors' released weighting net**, not one trained by cmw-transfer: `{p.get('origin_file')}` "
-        f"(sha256 `{p.get('origin_sha256')}`), the format of {p.get('origin_repo')} `{p.get('origin_path')}`, "
-        f"converted with `cmw-transfer import` (cmw-transfer {p.get('toolkit_version')}).",
-        "",
-        f"- Conversion: {p.get('conversion')}.",
-        f"- Head map: {p.get('head_map')} ({p.get('head_order_reason')}).",
-        f"- Method: {p.get('method')}" + (" (apply it with `--soft-labels`: the weight interpolates between the "
-                                          "given label and the pseudo-label, as the authors use it)."
-                                          if p.get("method") == "cmwnet-sl" else "."),
-        f"- Source: {p.get('source')}; bias {p.get('bias')}.",
-        f"- Centers: {net.centers} from source class counts {counts} ({p.get('source_counts_origin')}); on a target "
-        "the families are re-fitted on the target's own counts, so the centers are informational.",
-        f"- Loss range: {p.get('loss_range')}.",
-        "- Licence: the authors' repository states no licence for its weights; do not redistribute them without the "
-        "authors' permission.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _with_card_note(card: str, note: str) -> str:
-    card = card.replace("\nlicense: mit\n", "\nlicense: unknown\n", 1)  # the weights are the authors', not MIT
-    head, sep, rest = card.partition("\n## ")
-    return f"{head}\n{note}\n## {rest}" if sep else f"{card.rstrip()}\n\n{note}"
-
-
 def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
     """``save_pretrained`` plus the origin section in the model card (and the curves plot), all-or-nothing."""
     from cmw_transfer.atomic import write_text
@@ -457,7 +361,7 @@ def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = Fals
     try:
         net.save_pretrained(tmp)
         card = tmp / "README.md"
-        write_text(card, _with_card_note(card.read_text(encoding="utf-8"), card_note(net)))
+        write_text(card, with_origin_note(card.read_text(encoding="utf-8"), net))
         if plot:
             from cmw_transfer.artifact.curves import plot_curves
 

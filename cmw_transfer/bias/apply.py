@@ -22,7 +22,7 @@ from cmw_transfer.bias.pmd import pmd_factor_for_rate, pmd_noise
 from cmw_transfer.bias.spec import BiasSpec, format_step
 
 if TYPE_CHECKING:
-    from cmw_transfer.dataset.base import LabeledDataset
+    from cmw_transfer.bias.labeled import Labeled
 
 # The asymmetric map a plain ``asym:RATE`` uses on each dataset; anything not listed gets the pair-flip.
 DEFAULT_ASYM_MAPS = {"digits": "digits", "cifar10": "cifar10", "cifar100": "cifar100"}
@@ -38,13 +38,13 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def apply_bias(
-    ds: LabeledDataset,
+    ds: Labeled,
     bias: BiasSpec,
     *,
     seed: int = 0,
     eta: np.ndarray | None = None,
     eta_options: dict[str, Any] | None = None,
-) -> LabeledDataset:
+) -> Labeled:
     """A biased copy of ``ds`` (order in the module docstring).
 
     ``eta`` (``[len(ds), C]``) skips :func:`estimate_eta` for a PMD step; ``eta_options`` are passed to it.

@@ -31,7 +31,7 @@ from cmw_transfer.atomic import atomic_path
 from cmw_transfer.errors import UserError
 
 if TYPE_CHECKING:
-    from cmw_transfer.dataset.base import LabeledDataset
+    from cmw_transfer.bias.labeled import Labeled
 
 KNN_MAX_SAMPLES = 20000
 METHODS = ("auto", "knn", "torch")
@@ -47,11 +47,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CMW_CACHE_DIR") or Path.home() / ".cache" / "cmw_transfer") / "eta"
 
 
-def _clean_labels(ds: LabeledDataset) -> np.ndarray:
+def _clean_labels(ds: Labeled) -> np.ndarray:
     return ds.clean_targets if ds.clean_targets is not None else ds.targets
 
 
-def _cache_key(ds: LabeledDataset, options: dict) -> str:
+def _cache_key(ds: Labeled, options: dict) -> str:
     h = hashlib.sha256(json.dumps({**options, "name": ds.name, "split": ds.split, "n": len(ds),
                                    "classes": ds.num_classes}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(_clean_labels(ds)).tobytes())
@@ -106,7 +106,7 @@ def knn_eta(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.nd
     return score / total[:, None]
 
 
-def _knn_eta(ds: LabeledDataset) -> np.ndarray:
+def _knn_eta(ds: Labeled) -> np.ndarray:
     y = _clean_labels(ds)
     if np.unique(y).size < 2:
         eta = np.zeros((len(ds), ds.num_classes), dtype=np.float64)
@@ -131,16 +131,14 @@ def _small_cnn(in_channels: int, num_classes: int):  # -> torch.nn.Module (torch
                          nn.Linear(128, num_classes))
 
 
-def _torch_eta(ds: LabeledDataset, epochs: int, seed: int, batch_size: int, num_workers: int) -> np.ndarray:
+def _torch_eta(ds: Labeled, epochs: int, seed: int, batch_size: int, num_workers: int) -> np.ndarray:
     import torch
     from torch.utils.data import DataLoader
-
-    from cmw_transfer.dataset.images import skip_unreadable_collate
 
     torch.manual_seed(seed)
     clean = torch.as_tensor(_clean_labels(ds))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                        collate_fn=skip_unreadable_collate, generator=torch.Generator().manual_seed(seed))
+                        collate_fn=ds.collate, generator=torch.Generator().manual_seed(seed))
     from cmw_transfer.progress import progress_bar
 
     model = None
@@ -163,7 +161,7 @@ def _torch_eta(ds: LabeledDataset, epochs: int, seed: int, batch_size: int, num_
         return eta
     model.eval()
     scoring = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                         collate_fn=skip_unreadable_collate)
+                         collate_fn=ds.collate)
     with torch.no_grad():
         for x, _observed, idx in scoring:
             if idx.numel():
@@ -172,7 +170,7 @@ def _torch_eta(ds: LabeledDataset, epochs: int, seed: int, batch_size: int, num_
 
 
 def estimate_eta(
-    ds: LabeledDataset,
+    ds: Labeled,
     *,
     method: str = "auto",
     epochs: int = 10,
@@ -186,13 +184,11 @@ def estimate_eta(
     ``method``: ``"knn"``, ``"torch"`` or ``"auto"`` (knn for in-memory data with at most 20000 samples, torch
     otherwise). See the module docstring for why each is machine-stable and for caching.
     """
-    from cmw_transfer.dataset.base import InMemoryDataset
-
     if method == "auto":
-        method = "knn" if isinstance(ds, InMemoryDataset) and len(ds) <= KNN_MAX_SAMPLES else "torch"
+        method = "knn" if ds.in_memory and len(ds) <= KNN_MAX_SAMPLES else "torch"
     if method not in METHODS:
         raise UserError(f"eta method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
-    if method == "knn" and not isinstance(ds, InMemoryDataset):
+    if method == "knn" and not ds.in_memory:
         raise UserError(f"eta method 'knn' needs an in-memory dataset; {ds.name} is read from files, use 'torch'")
     if not len(ds):
         raise UserError(f"{ds.name}: cannot estimate eta on an empty dataset")

@@ -69,15 +69,10 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
             "-m", "cmw_transfer", "apply", *args]
 
 
-def config_from_file(cls: type, path: str, ctx: click.Context) -> dict[str, object]:
-    """The settings of ``--config FILE`` (validated by the stage's config class), as a dict."""
-    return cls.from_file(path).to_dict()
-
-
-def options_from_command_line(ctx: click.Context, options: dict[str, object]) -> dict[str, object]:
+def typed_options(ctx: click.Context, options: dict[str, object]) -> frozenset[str]:
     """The options the user typed (not click defaults): they override ``--config``."""
-    return {k: v for k, v in options.items()
-            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)}
+    return frozenset(k for k in options
+                     if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None))
 
 
 def _parse_milestones(text: str) -> tuple[int, ...]:
@@ -90,7 +85,7 @@ def _parse_milestones(text: str) -> tuple[int, ...]:
 def _preflight(cfg: ApplyConfig) -> None:
     """Every check that needs no data, once, before torchrun starts the workers (each would print the error,
     followed by torchrun's failure report)."""
-    from cmw_transfer.artifact.net import CMWNet
+    from cmw_transfer.artifact.load import load
     from cmw_transfer.dataset import resolve_source
 
     cfg.validate()
@@ -99,7 +94,7 @@ def _preflight(cfg: ApplyConfig) -> None:
         if spec:
             resolve_source(spec)
     if cfg.weighting == "cmw" and cfg.weights:
-        CMWNet.from_pretrained(cfg.weights)
+        load(cfg.weights)  # a CMW-Net or a CurveNet
 
 
 @click.command("apply")
@@ -228,23 +223,20 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, config_file: str | 
     adds metrics.csv and/or TensorBoard event files.
     """
     from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
-    from cmw_transfer.trainer.apply.erm import run_apply
-    from cmw_transfer.trainer.apply.openset import parse_open_classes
-    from cmw_transfer.trainer.config import ApplyConfig
+    from cmw_transfer.trainer.config import parse_open_classes, resolve_apply
+    from cmw_transfer.trainer.engine.launch import run_stage
 
     configure_threads(options.pop("threads"), local_world_size())  # type: ignore[arg-type]  (per rank)
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
     options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
     options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
-    if config_file:
-        options = {**config_from_file(ApplyConfig, config_file, ctx), **options_from_command_line(ctx, options)}
-    if options.get("workers") is None:
+    if not config_file and options.get("workers") is None:
         options["workers"] = default_workers(local_world_size())
-    cfg = ApplyConfig.from_dict(options)
+    cfg = resolve_apply(options, config_file, typed_options(ctx, options))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _preflight(cfg)
         raise SystemExit(run_under_torchrun(_relaunch_argv(ctx, nproc)))
-    summary = run_apply(cfg)
+    summary = run_stage(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:

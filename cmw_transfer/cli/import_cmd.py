@@ -64,10 +64,15 @@ def import_cmd(kind: str, path: Path, out: Path, head_order: str | None, source_
 
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # before any (possibly long) calibration run
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace the artifact there")
-    options = {"data_dir": calibrate_data_dir, "model": calibrate_model, "epochs": calibrate_epochs,
-               "device": device, "img_size": calibrate_img_size}
+    calibrate = None
+    if calibrate_on:
+        from cmw_transfer.trainer.calibrate import calibrate_loss_range
+
+        def calibrate() -> tuple[dict[str, float], str]:
+            return calibrate_loss_range(calibrate_on, data_dir=calibrate_data_dir, model=calibrate_model,
+                                        epochs=calibrate_epochs, device=device, img_size=calibrate_img_size)
     net = from_official(path, kind, head_order=head_order, source_counts=source_counts, method=method,
-                        calibrate_on=calibrate_on, calibrate_options=options)
+                        calibrate=calibrate)
     save_official(net, out, overwrite=overwrite)
     prov = net.provenance
     info = {

@@ -96,12 +96,12 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     the progress bar go to stderr. Epochs count from 1, as in apply.
     """
     from cmw_transfer.runtime import configure_threads
-    from cmw_transfer.trainer.engine.registry import create_trainer
+    from cmw_transfer.trainer.engine.launch import run_stage
 
     configure_threads(threads, 1)  # one process
-    cfg = resolve_metatrain({**options, "src": src, "out": out, "mirror_optimizer": mirror_optimizer or None},
-                            config_file)
-    result = create_trainer(cfg.trainer_name(), cfg, resume=resume, overwrite=overwrite, progress=not quiet).run()
+    result = run_stage(resolve_metatrain({**options, "src": src, "out": out, "resume": resume, "overwrite": overwrite,
+                                          "progress": not quiet, "mirror_optimizer": mirror_optimizer or None},
+                                         config_file))
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return

@@ -58,10 +58,10 @@ def probe_cmd(dataset: str, out: str, resume: bool, overwrite: bool, threads: in
     """
     from cmw_transfer.runtime import configure_threads, local_world_size
     from cmw_transfer.trainer.config import resolve_probe
-    from cmw_transfer.trainer.curvenet.probe import run_probe
+    from cmw_transfer.trainer.engine.launch import run_stage
 
     configure_threads(threads, local_world_size())  # per rank under torchrun
-    summary = run_probe(resolve_probe({**options, "dataset": dataset, "out": out, "resume": resume,
+    summary = run_stage(resolve_probe({**options, "dataset": dataset, "out": out, "resume": resume,
                                        "overwrite": overwrite, "progress": not quiet}))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(summary, sort_keys=True))

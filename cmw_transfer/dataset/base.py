@@ -13,12 +13,13 @@ import multiprocessing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cmw_transfer.dataset.images import skip_unreadable_collate
 from cmw_transfer.errors import UserError
 
 
@@ -39,6 +40,9 @@ class LabeledDataset(Dataset):
     ``targets`` are the observed (possibly noisy) labels; ``clean_targets`` the ground truth when it is known
     (synthetic noise), ``None`` for real web data. Subclasses implement :meth:`_load` for a store row.
     """
+
+    in_memory: ClassVar[bool] = False  # every sample in one array (``features()``): what eta's exact knn needs
+    collate = staticmethod(skip_unreadable_collate)  # batches of the samples whose image could be read
 
     def __init__(
         self,
@@ -143,6 +147,8 @@ class InMemoryDataset(LabeledDataset):
     Without a transform a sample is a float32 CHW tensor in [0, 1]; with one, the transform gets a PIL image
     (RGB, like torchvision's CIFAR datasets and decoded files), so timm transforms work unchanged.
     """
+
+    in_memory = True
 
     def __init__(self, name: str, data: np.ndarray, targets: np.ndarray, num_classes: int, **kwargs: Any) -> None:
         super().__init__(name, targets, num_classes, **kwargs)

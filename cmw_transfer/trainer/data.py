@@ -14,14 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from cmw_transfer.bias.apply import apply_bias
 from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
 from cmw_transfer.dataset.classes import warn_empty_classes
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.config import ApplyConfig, MetaSetSpec, MetaTrainConfig
-from cmw_transfer.trainer.meta.metasets import check_class_sizes
+from cmw_transfer.trainer.config import ApplyConfig, MetaSetSpec
 
 WEBVISION = ("webvision-full", "mini-webvision")  # evaluated on WebVision val; ILSVRC12 val via extra_eval
 FILE_SOURCES = ("list:", "folder:")
@@ -48,25 +46,42 @@ def _train_transform(ds: Any, img_size: int | None) -> Any:
                                transforms.ToTensor()])
 
 
+def _make(name: str, root: str | None, split: str, *, seed: int, strict: bool, **kwargs: Any) -> Any:
+    try:
+        return create_dataset(name, root, split, seed=seed, strict=strict, allow_empty_classes=True, **kwargs)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise UserError(f"--data-dir: {exc}; download the data or point --data-dir at it") from None
+
+
+def load_train(dataset: str, root: str | None, noise: str | None, imbalance: float | None, *, seed: int,
+               strict: bool = False, img_size: int | None = None) -> Any:
+    """A target's training split with the requested bias and its augmentation (apply's layout, the probe's)."""
+    transform = None
+    if img_size is not None:
+        from cmw_transfer.dataset.images import make_transform
+
+        transform = make_transform("train", img_size)
+    train = _make(dataset, root, "train", seed=seed, strict=strict, transform=transform, noise=noise,
+                  imbalance=imbalance)
+    if transform is None:
+        aug = _train_transform(train, img_size)
+        if aug is not None:  # the untransformed eval tensor equals ToTensor of this augmentation's output
+            train.transform = aug
+    return train
+
+
 def load_datasets(cfg: ApplyConfig) -> tuple[Any, list[tuple[str, Any]]]:
     """Train split with the requested bias; the clean evaluation splits (test / WebVision val, ``extra_eval``)."""
     def make(name: str, root: str | None, split: str, **kwargs: Any) -> Any:
-        try:
-            return create_dataset(name, root, split, seed=cfg.seed, strict=cfg.strict, allow_empty_classes=True,
-                                  **kwargs)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise UserError(f"--data-dir: {exc}; download the data or point --data-dir at it") from None
+        return _make(name, root, split, seed=cfg.seed, strict=cfg.strict, **kwargs)
 
-    transform = eval_tf = None
+    train = load_train(cfg.dataset, cfg.data_root, cfg.noise, cfg.imbalance, seed=cfg.seed, strict=cfg.strict,
+                       img_size=cfg.img_size)
+    eval_tf = None
     if cfg.img_size is not None:
         from cmw_transfer.dataset.images import make_transform
 
-        transform, eval_tf = make_transform("train", cfg.img_size), make_transform("val", cfg.img_size)
-    train = make(cfg.dataset, cfg.data_root, "train", transform=transform, noise=cfg.noise, imbalance=cfg.imbalance)
-    if transform is None:
-        aug = _train_transform(train, cfg.img_size)
-        if aug is not None:  # the untransformed eval tensor equals ToTensor of this augmentation's output
-            train.transform = aug
+        eval_tf = make_transform("val", cfg.img_size)
     base, _ = resolve_source(cfg.dataset)  # a preset's noise never reaches the evaluation split
     if cfg.eval_dataset:
         test = make(cfg.eval_dataset, None, "test", transform=eval_tf)
@@ -101,6 +116,16 @@ def check_model_name(name: str) -> None:
 
 
 # -- the meta-train source ----------------------------------------------------------------------------------------
+def check_class_sizes(counts: np.ndarray, per_class: int, what: str) -> None:
+    """Refuse a meta set that would take a class's every sample; classes without samples have no part in it."""
+    small = np.flatnonzero(counts <= per_class) if what == "clean" else np.flatnonzero(counts < per_class)
+    small = small[counts[small] > 0]
+    if small.size:
+        need = "more than" if what == "clean" else "at least"
+        raise UserError(f"--meta-set {what}:{per_class} needs {need} {per_class} samples in every class, but "
+                        f"class(es) {small[:10].tolist()} have {counts[small[:10]].tolist()}; lower N")
+
+
 @dataclass
 class SourceData:
     train: LabeledDataset
@@ -108,33 +133,31 @@ class SourceData:
     clean_meta: LabeledDataset | None
 
 
-def load_source(cfg: MetaTrainConfig, spec: MetaSetSpec) -> SourceData:
-    base, bias = resolve_source(cfg.src, cfg.noise, cfg.imbalance)
-    if base.startswith(FILE_SOURCES) and not cfg.eval_dataset:
-        raise UserError(f"--src {cfg.src} has no built-in test split (metatrain would evaluate on its own training "
+def load_source(src: str, data_dir: str | None, noise: str | None, imbalance: float | None, *, seed: int,
+                meta: MetaSetSpec, eval_dataset: str | None = None) -> SourceData:
+    """The meta-train layout: clean meta samples held out first (``meta`` clean:N), then the bias, and the test set
+    (``eval_dataset``, else the base dataset's own, if it has one)."""
+    base, bias = resolve_source(src, noise, imbalance)
+    if base.startswith(FILE_SOURCES) and not eval_dataset:
+        raise UserError(f"--src {src} has no built-in test split (metatrain would evaluate on its own training "
                         "files): add --eval-dataset list:VAL.txt or --eval-dataset folder:VAL_DIR")
-    clean = create_dataset(base, cfg.data_dir, "train", allow_empty_classes=True)
+    clean = create_dataset(base, data_dir, "train", allow_empty_classes=True)
     clean_meta = None
-    if spec.kind == "clean":
-        check_class_sizes(clean.class_counts(), spec.per_class, "clean")
-        clean, clean_meta = split_per_class(clean, spec.per_class, seed=cfg.seed)
-    train = clean if bias.is_empty else apply_bias(clean, bias, seed=cfg.seed)
-    if spec.kind == "lowest-loss":
-        check_class_sizes(train.class_counts(), spec.per_class, "lowest-loss")
-    if cfg.eval_dataset:
-        test = create_dataset(cfg.eval_dataset, None, "test", allow_empty_classes=True)
+    if meta.kind == "clean":
+        check_class_sizes(clean.class_counts(), meta.per_class, "clean")
+        clean, clean_meta = split_per_class(clean, meta.per_class, seed=seed)
+    train = clean if bias.is_empty else apply_bias(clean, bias, seed=seed)
+    if meta.kind == "lowest-loss":
+        check_class_sizes(train.class_counts(), meta.per_class, "lowest-loss")
+    if eval_dataset:
+        test = create_dataset(eval_dataset, None, "test", allow_empty_classes=True)
         if test.num_classes > train.num_classes:
             raise UserError(f"--eval-dataset has {test.num_classes} classes but the source has {train.num_classes}; "
                             "its labels must use the source's class indices")
     else:
         try:
-            test = create_dataset(base, cfg.data_dir, "test", allow_empty_classes=True)
+            test = create_dataset(base, data_dir, "test", allow_empty_classes=True)
         except UserError:
             test = None
-    warn_empty(train, [("test", test)] if test is not None else [], f"--src {cfg.src}")
+    warn_empty(train, [("test", test)] if test is not None else [], f"--src {src}")
     return SourceData(train, test, clean_meta)
-
-
-def stack_batch(ds: LabeledDataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [ds[int(i)] for i in indices]
-    return torch.stack([it[0] for it in items]), torch.as_tensor([it[1] for it in items], dtype=torch.long)

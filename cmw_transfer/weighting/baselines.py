@@ -1,7 +1,7 @@
 """Fixed (not learned) weighting functions: the baselines a learned net has to beat.
 
-They share :class:`~cmw_transfer.weighting.CMWLoss`'s ``weights(losses, targets)`` interface, so the apply stage
-(``--weighting focal|class-balanced``) and your own loop use them exactly like a frozen CMW-Net.
+They are :class:`~cmw_transfer.weighting.base.WeightedLoss` criteria like :class:`~cmw_transfer.weighting.CMWLoss`,
+so the apply stage (``--weighting focal|class-balanced``) and your own loop use them exactly like a frozen CMW-Net.
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
-from torch import nn
 
-from cmw_transfer.weighting.base import loss_coefficients
+from cmw_transfer.weighting.base import WeightedLoss
 
 
-class FocalWeighting(nn.Module):
+class FocalWeighting(WeightedLoss):
     """Focal loss (Lin et al. 2017) as a weighting of cross-entropy: ``w = (1 - p_t)^gamma``, ``p_t = exp(-CE)``.
 
     The factor is computed on the detached loss, like every weighting here: it is the increasing function of the
@@ -30,15 +28,11 @@ class FocalWeighting(nn.Module):
         self.gamma, self.normalization = float(gamma), normalization
 
     @torch.no_grad()
-    def weights(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def weights(self, losses: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         return (1.0 - torch.exp(-losses.detach())).clamp_min(0.0) ** self.gamma
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        return (loss_coefficients(self.weights(losses, targets), self.normalization) * losses).sum()
 
-
-class ClassBalancedWeighting(nn.Module):
+class ClassBalancedWeighting(WeightedLoss):
     """Class-balanced loss (Cui et al. 2019): ``w_c = (1 - beta) / (1 - beta^n_c)``, rescaled to mean 1 per class.
 
     A class without samples (never a target) keeps the weight of a one-sample class and is left out of the mean.
@@ -58,9 +52,5 @@ class ClassBalancedWeighting(nn.Module):
         self.register_buffer("class_weight", torch.as_tensor(per_class, dtype=torch.float32))
 
     @torch.no_grad()
-    def weights(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def weights(self, losses: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.class_weight[targets].to(losses.dtype)
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        return (loss_coefficients(self.weights(losses, targets), self.normalization) * losses).sum()

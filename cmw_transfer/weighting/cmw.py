@@ -39,32 +39,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
 
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
-from cmw_transfer.weighting.base import NORMALIZATIONS, loss_coefficients
+from cmw_transfer.weighting.base import NORMALIZATIONS, WeightedLoss, loss_coefficients
+from cmw_transfer.weighting.families import refit
 from cmw_transfer.weighting.guards import (
     ClassWeightMonitor,
     LossRangeMonitor,
     WarmupGate,
     lift_class_floor,
-    long_tail_advice,
     reference_weight,
 )
-
-
-def _warn_if_strong_tail(net: CMWNet, class_counts: Sequence[float] | np.ndarray, stacklevel: int) -> None:
-    """The long-tail advice of :func:`cmw_transfer.weighting.guards.long_tail_advice`, pointed at the user's line."""
-    regime = long_tail_advice(np.asarray(class_counts).reshape(-1).tolist(), net.centers, net.num_heads)
-    if regime is not None:
-        warnings.warn(regime, stacklevel=stacklevel + 1)
-
-
-def _fit_families(class_counts: Sequence[float] | np.ndarray, k: int) -> np.ndarray:
-    from cmw_transfer.artifact.scales import fit_families
-
-    return fit_families(class_counts, k)[1]
 
 
 def check_same_across_ranks(class_counts: Sequence[float] | np.ndarray | torch.Tensor,
@@ -95,7 +81,7 @@ def check_same_across_ranks(class_counts: Sequence[float] | np.ndarray | torch.T
                         f"{int(differ[0])}); pass the global training-set counts on every rank, not a shard's")
 
 
-class CMWLoss(nn.Module):
+class CMWLoss(WeightedLoss):
     """Frozen-net weighted cross-entropy; holds the class -> family map of the target dataset."""
 
     def __init__(self, net: CMWNet, family_of_class: Sequence[int] | np.ndarray | torch.Tensor,
@@ -119,8 +105,7 @@ class CMWLoss(nn.Module):
         if warmup is not None:
             if warmup == "auto" and not epochs:
                 raise ValueError("warmup='auto' needs the run's number of epochs (epochs=...)")
-            self.gate = WarmupGate(warmup, int(epochs or 0), reference_weight(net, net.loss_range,
-                                                                              self.family_of_class))
+            self.gate = WarmupGate(warmup, int(epochs or 0), self.reference_weight())
         self.epoch = 1
         self.class_monitor = ClassWeightMonitor(self.num_classes)
         self.range_monitor = LossRangeMonitor(net.loss_range)
@@ -144,11 +129,25 @@ class CMWLoss(nn.Module):
         """What ``from_net`` and ``from_spec`` share; called directly by both, so a warning's ``stacklevel`` of
         3 is the user's line."""
         check_same_across_ranks(class_counts, process_group)
-        _warn_if_strong_tail(net, class_counts, stacklevel=3)
-        return cls(net, _fit_families(class_counts, net.num_heads), normalization, **kwargs)
+        _, family, advice = refit(net, class_counts)
+        if advice is not None:
+            warnings.warn(advice, stacklevel=3)
+        return cls(net, family, normalization, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CMWLoss:
+        """``.to(device)`` and the like also move the monitors (their sums are reduced over DDP ranks there)."""
+        super()._apply(fn, recurse)
+        self.class_monitor.to(self.family_of_class.device)
+        self.range_monitor.to(self.family_of_class.device)
+        return self
+
+    def reference_weight(self) -> float | None:
+        """The net's mean weight over the heads this target uses at the source's median loss (the warm-up's
+        yardstick; None without a recorded loss range)."""
+        return reference_weight(self.net, self.net.loss_range, self.family_of_class)
 
     @torch.no_grad()
-    def weights(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def weights(self, losses: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Raw per-sample weights in [0, 1] for per-sample losses under (observed) targets: class indices, or a
         target distribution ``[B, C]`` (expected weight over its classes, see the module docstring)."""
         losses = losses.detach()
@@ -158,6 +157,21 @@ class CMWLoss(nn.Module):
             per_class = per_head[:, self.family_of_class]  # [B, C]
             return (targets.to(per_class.dtype) * per_class).sum(dim=1)
         return self.net(losses, self.family_of_class[targets])
+
+    def applied_weights(self, losses: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """The weights with the class floor (``min_class_weight``) lifted: what the loss multiplies."""
+        return self._lift(self.weights(losses, targets), targets)
+
+    def _lift(self, weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.min_class_weight > 0:
+            return lift_class_floor(weights, targets, self.num_classes, self.min_class_weight)
+        return weights
+
+    def observe(self, losses: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor) -> None:
+        """The guards' statistics of a step: losses against the recorded range, per-class weights and losses."""
+        self.range_monitor.observe(losses)
+        self.class_monitor.observe(weights, targets, losses)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if targets.is_floating_point():
@@ -176,21 +190,23 @@ class CMWLoss(nn.Module):
             if self.training:
                 self.gate.observe(weights)
             return losses.mean()
-        hard = not targets.is_floating_point()
-        if self.min_class_weight > 0 and hard:
-            weights = lift_class_floor(weights, targets, self.num_classes, self.min_class_weight)
-        if self.training:
-            self.range_monitor.observe(losses)
-            if hard:
-                self.class_monitor.observe(weights, targets)
+        if targets.is_floating_point():  # no class floor, no per-class statistics for a distribution
+            if self.training:
+                self.range_monitor.observe(losses)
+        else:
+            weights = self._lift(weights, targets)
+            if self.training:
+                self.observe(losses, weights, targets)
         return (loss_coefficients(weights, self.normalization) * losses).sum()
 
     def end_epoch(self) -> dict[str, Any]:
         """Close the current epoch (warm-up decision, monitors reduced over DDP ranks); returns what it saw.
 
         ``weighting`` (was the net applied), ``warmup_start_epoch`` (first weighted epoch, once known),
-        ``class_mean_weight`` (per class, None where no sample was seen), ``starved_classes`` and the loss-range
-        fields of :class:`~cmw_transfer.weighting.guards.LossRangeMonitor`.
+        ``class_mean_weight`` (per class, None where no sample was seen), ``starved_classes``,
+        ``weight_loss_cov`` (the pooled within-class covariance of weight and loss: positive when the net favours
+        the higher losses of a class) and the loss-range fields of
+        :class:`~cmw_transfer.weighting.guards.LossRangeMonitor`.
         """
         applied = self.gate is None or self.gate.applies(self.epoch)
         report: dict[str, Any] = {"epoch": self.epoch, "weighting": applied}
@@ -201,6 +217,7 @@ class CMWLoss(nn.Module):
             self.class_monitor.reduce()
             report["class_mean_weight"] = self.class_monitor.class_means()
             report["starved_classes"] = self.class_monitor.starved()
+            report["weight_loss_cov"] = self.class_monitor.within_class_cov()
             report.update(self.range_monitor.report())
         self.class_monitor.reset()
         self.epoch += 1
@@ -226,8 +243,10 @@ def sample_weights(losses: Sequence[float] | np.ndarray, labels: Sequence[int] |
     if labels_arr.ndim == 1 and labels_arr.size and (labels_arr.min() < 0 or labels_arr.max() >= counts.size):
         raise ValueError(f"labels must lie in [0, {counts.size}) (one count per class), got "
                          f"{labels_arr.min()}..{labels_arr.max()}")
-    _warn_if_strong_tail(model, counts, stacklevel=2)
-    criterion = CMWLoss(model, _fit_families(counts, model.num_heads))
+    _, family, advice = refit(model, counts)
+    if advice is not None:
+        warnings.warn(advice, stacklevel=2)
+    criterion = CMWLoss(model, family)
     device = next(model.parameters()).device
     targets = torch.as_tensor(labels_arr if labels_arr.ndim == 2 else labels_arr.astype(np.int64), device=device)
     return criterion.weights(torch.as_tensor(losses_arr, device=device), targets).cpu().numpy()

@@ -30,6 +30,7 @@ from cmw_transfer.artifact.curvenet import CurveNet
 from cmw_transfer.artifact.scales import fit_families
 from cmw_transfer.defaults import PROBE_NAME, SCHEDULE_KEYS
 from cmw_transfer.errors import UserError
+from cmw_transfer.weighting.base import WeightedLoss
 
 CHUNK_ROWS = 65536
 
@@ -150,14 +151,12 @@ def check_labels(curves: ProbeCurves, targets: np.ndarray, command: str) -> None
                         f"{targets.size} samples here): probe this data and bias with: {command}")
 
 
-class CurveWeighting(nn.Module):
+class CurveWeighting(WeightedLoss):
     """A frozen CurveNet as an apply-stage criterion: every sample's weight precomputed from its curve.
 
     The curve is a fixed attribute of the sample, so the weight is too: one table of N weights, looked up by
-    sample id in each step (``needs_index``: the stepper passes the batch's ids).
+    sample id (the ``idx`` the apply step passes with every batch).
     """
-
-    needs_index = True
 
     def __init__(self, net: nn.Module, features: CurveFeatures, key_of_sample: np.ndarray,
                  normalization: str = "batch") -> None:

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
+
+from cmw_transfer.weighting.base import WeightedLoss
 
 EQL_RHO = 0.9  # P(beta = 1), the advisor paper's rho
 
@@ -53,16 +54,17 @@ def default_threshold(num_classes: int) -> float:
     return 0.5 / num_classes
 
 
-class EQLWeighting(nn.Module):
+class EQLWeighting(WeightedLoss):
     """``apply --weighting eql``: the fixed EQL loss (no weighting net).
 
-    It plugs into the apply step like the other fixed baselines: ``per_sample_loss(logits, y)`` replaces the
-    per-sample cross-entropy (EQL changes the softmax itself, not the sample weights) and ``weights`` is 1.
-    beta is drawn from torch's global generator, which the apply stage seeds per epoch (exact resume).
+    A :class:`~cmw_transfer.weighting.base.WeightedLoss` like the other fixed baselines: ``per_sample_loss(logits,
+    y)`` replaces the per-sample cross-entropy (EQL changes the softmax itself, not the sample weights) and
+    ``weights`` is 1. beta is drawn from torch's global generator, which the apply stage seeds per epoch (exact
+    resume).
     """
 
     def __init__(self, class_counts: Sequence[int] | np.ndarray, threshold: float | None = None,
-                 rho: float = EQL_RHO) -> None:
+                 rho: float = EQL_RHO, normalization: str = "batch") -> None:
         super().__init__()
         counts = np.asarray(class_counts)
         threshold = default_threshold(counts.size) if threshold is None else float(threshold)
@@ -70,7 +72,7 @@ class EQLWeighting(nn.Module):
             raise ValueError(f"EQL rho must be in [0, 1], got {rho}")
         if threshold < 0:
             raise ValueError(f"EQL threshold must be >= 0, got {threshold}")
-        self.threshold, self.rho = threshold, float(rho)
+        self.threshold, self.rho, self.normalization = threshold, float(rho), normalization
         self.register_buffer("rare", rare_class_mask(counts, threshold))
 
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -78,7 +80,7 @@ class EQLWeighting(nn.Module):
         return equalized_cross_entropy(logits, targets, beta * self.rare.to(logits.dtype)[None, :])
 
     @torch.no_grad()
-    def weights(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def weights(self, losses: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ones_like(losses)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

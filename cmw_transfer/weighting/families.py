@@ -1,10 +1,11 @@
-"""Meta-test re-clustering and the loss-range check: how a frozen net meets a target's classes and losses."""
+"""Meta-test re-clustering: how a frozen net meets a target's classes (its class-size families)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,13 @@ from cmw_transfer.artifact.scales import DegenerateScalesWarning, fit_families
 from cmw_transfer.errors import UserError
 from cmw_transfer.weighting.guards import long_tail_advice
 
-RANGE_TOLERANCE = 0.01  # warn when more than 1% of the target's losses fall outside the artifact's range
+
+def refit(net: CMWNet, class_counts: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Meta-test re-clustering, the one every use of a frozen net shares: ``(centers, family of each class, the
+    long-tail advice or None)`` for the target's class counts (head ``i`` = the ``i``-th smallest center)."""
+    centers, family = fit_families(class_counts, net.num_heads)
+    counts = np.asarray(class_counts).reshape(-1)
+    return centers, family, long_tail_advice(counts.tolist(), net.centers, net.num_heads)
 
 
 def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None = None) -> dict[str, Any]:
@@ -33,11 +40,10 @@ def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None
                         "classifier needs at least 2; check --dataset / --noise / --imbalance")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DegenerateScalesWarning)
-        centers, family = fit_families(counts, k)
+        centers, family, regime = refit(net, counts)
     notes = [str(w.message) for w in caught if issubclass(w.category, DegenerateScalesWarning)]
     for w in caught:  # hand the warnings on (the CLI prints them as ``warning: ...``)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    regime = long_tail_advice(counts, net.centers, net.num_heads)
     if regime is not None:
         warnings.warn(regime, stacklevel=2)
     info = {
@@ -55,21 +61,3 @@ def target_families(net: CMWNet, class_counts: np.ndarray, requested: int | None
     }
     info["digest"] = hashlib.sha256(json.dumps(info["family_of_class"]).encode()).hexdigest()[:16]
     return info
-
-
-def loss_range_report(losses: np.ndarray, loss_range: dict[str, float] | None) -> dict[str, Any]:
-    """Where the target's per-sample losses sit relative to the range recorded in the artifact."""
-    if losses.size == 0:
-        return {}
-    q = np.quantile(losses, [0.01, 0.5, 0.99])
-    report: dict[str, Any] = {"loss_p1": float(q[0]), "loss_p50": float(q[1]), "loss_p99": float(q[2]),
-                              "loss_max": float(losses.max())}
-    if loss_range:
-        low = loss_range.get("min", loss_range.get("p1"))
-        high = loss_range.get("max", loss_range.get("p99"))
-        if low is not None and high is not None:
-            report["frac_outside_range"] = float(np.mean((losses < low) | (losses > high)))
-            report["source_range"] = [float(low), float(high)]
-    return report
-
-

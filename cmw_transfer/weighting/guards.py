@@ -180,6 +180,9 @@ class ClassWeightMonitor:
         for i, values in enumerate(rows):
             self.table[i] += torch.bincount(targets, weights=values, minlength=self.num_classes)
 
+    def to(self, device: torch.device | str) -> None:
+        self.table = self.table.to(device)
+
     def reduce(self) -> None:
         """Sum over DDP ranks (no-op without an initialised process group)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -209,6 +212,13 @@ class ClassWeightMonitor:
         self.table.zero_()
 
 
+def range_bounds(loss_range: dict | None) -> tuple[float | None, float | None]:
+    """The source range a net's losses are checked against: its min and max (p1 and p99 when those are missing)."""
+    if not loss_range:
+        return None, None
+    return loss_range.get("min", loss_range.get("p1")), loss_range.get("max", loss_range.get("p99"))
+
+
 class LossRangeMonitor:
     """Fractions of the losses the net sees below and above the range it was meta-trained on; summed over ranks.
 
@@ -218,15 +228,15 @@ class LossRangeMonitor:
     """
 
     def __init__(self, loss_range: dict | None, device: torch.device | str = "cpu") -> None:
-        self.low = self.high = None
-        if loss_range:
-            self.low = loss_range.get("min", loss_range.get("p1"))
-            self.high = loss_range.get("max", loss_range.get("p99"))
+        self.low, self.high = range_bounds(loss_range)
         self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # below, above, total
 
     @property
     def checked(self) -> bool:
         return self.low is not None and self.high is not None
+
+    def to(self, device: torch.device | str) -> None:
+        self.stats = self.stats.to(device)
 
     def observe(self, losses: torch.Tensor) -> None:
         if not self.checked:

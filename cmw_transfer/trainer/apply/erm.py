@@ -14,7 +14,6 @@ through the registry; this module never imports it.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,17 +31,20 @@ from cmw_transfer.trainer.apply.report import describe_start, epoch_line, plot_t
 from cmw_transfer.trainer.apply.setup import RunSetup, build_setup, check_memory
 from cmw_transfer.trainer.apply.steps import ApplyStepper, SoftLabelState
 from cmw_transfer.trainer.config import ApplyConfig
-from cmw_transfer.trainer.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.evaluation import evaluate_sharded, sync_buffers
 from cmw_transfer.trainer.engine.loaders import derive_seed
-from cmw_transfer.trainer.engine.loop import Engine, Stage
+from cmw_transfer.trainer.engine.loop import Stage
 from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
-from cmw_transfer.trainer.engine.registry import create_trainer, register_trainer
-from cmw_transfer.trainer.engine.rundir import RunDirectory
+from cmw_transfer.trainer.engine.registry import register_trainer
 from cmw_transfer.weighting.cmw import CMWLoss
-from cmw_transfer.weighting.families import RANGE_TOLERANCE
-from cmw_transfer.weighting.guards import STARVED_FRACTION, WarmupGate, describe_range_sides, reference_weight
+from cmw_transfer.weighting.guards import (
+    RANGE_TOLERANCE,
+    STARVED_FRACTION,
+    WarmupGate,
+    describe_range_sides,
+    range_bounds,
+)
 
 CONFIG_NAME = "config.json"
 FAMILIES_NAME = "families.json"
@@ -60,28 +62,6 @@ def save_classifier(model: nn.Module, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         save_model(model, str(tmp))
-
-
-def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
-    """Train, evaluate, write the run directory; returns the summary (every rank gets it)."""
-    cfg.validate()
-    RunDirectory(cfg.out, "apply", resume=cfg.resume, overwrite=cfg.overwrite).check()  # before any work
-    if (cfg.weighting != "none" and cfg.warmup_epochs != "auto" and cfg.warmup_epochs >= max(cfg.stage_epochs())
-            and os.environ.get("RANK", "0") == "0"):
-        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} covers every epoch (--epochs {cfg.epochs}): the run is "
-                      f"plain cross-entropy and the {cfg.weighting} weighting is never applied", stacklevel=2)
-    # a checkpoint of another configuration is refused before any data or model is loaded
-    state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint()) if cfg.resume else None
-    ctx = DistributedContext.from_env(cfg.device)
-    try:
-        check_memory(cfg, ctx.device)  # before any data is loaded
-        engine = Engine(create_trainer(cfg.trainer, build_setup(cfg, ctx)), resume=cfg.resume,
-                        overwrite=cfg.overwrite)
-        if state is not None:
-            engine.restore(state)
-        return engine.run()
-    finally:
-        ctx.teardown()
 
 
 # -- the stage ----------------------------------------------------------------------------------------------------
@@ -125,6 +105,16 @@ class ERMTrainer(Stage):
         self.last_shape: tuple[int, ...] | None = None
         self.seen = 0
 
+    @classmethod
+    def from_config(cls, cfg: ApplyConfig, ctx: DistributedContext) -> ERMTrainer:
+        """The memory check of one step (before any data), then the run's shared setup."""
+        if (cfg.weighting != "none" and cfg.warmup_epochs != "auto" and cfg.warmup_epochs >= max(cfg.stage_epochs())
+                and ctx.is_main):
+            warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} covers every epoch (--epochs {cfg.epochs}): the run "
+                          f"is plain cross-entropy and the {cfg.weighting} weighting is never applied", stacklevel=2)
+        check_memory(cfg, ctx.device)
+        return cls(build_setup(cfg, ctx))
+
     # -- the trainer's own hooks --------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         from cmw_transfer.models import create_model
@@ -149,8 +139,7 @@ class ERMTrainer(Stage):
 
     def make_stepper(self, module: nn.Module) -> ApplyStepper:
         s = self.s
-        return ApplyStepper(module, self.optimizer, self.scheduler, criterion=s.criterion,
-                            normalization=s.cfg.normalization, device=s.ctx.device, amp_dtype=s.amp_dtype,
+        return ApplyStepper(module, self.optimizer, self.scheduler, criterion=s.criterion, amp_dtype=s.amp_dtype,
                             scaler=s.scaler, soft=self.soft, is_clean=s.is_clean, ctx=s.ctx)
 
     def prepare_epoch(self, epoch: int) -> str:
@@ -164,8 +153,7 @@ class ERMTrainer(Stage):
             return WarmupGate(int(cfg.warmup_epochs), cfg.total_epochs())
         if not isinstance(s.criterion, CMWLoss):
             return WarmupGate(0, cfg.total_epochs())
-        reference = reference_weight(s.criterion.net, s.criterion.net.loss_range, s.criterion.family_of_class)
-        return WarmupGate("auto", cfg.total_epochs(), reference)
+        return WarmupGate("auto", cfg.total_epochs(), s.criterion.reference_weight())
 
     def weighted(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) uses the net's weights: after the plain-CE warm-up (see :meth:`make_gate`)."""
@@ -279,12 +267,13 @@ class ERMTrainer(Stage):
         row.update(stepper.epoch_stats(ctx))
         row["images_per_s"] = float(ctx.all_reduce_sum(self.seen / max(seconds, 1e-9)).item())
         if s.net is not None:
-            row.update(self.guard_report(epoch, row, stepper))
+            row.update(self.guard_report(epoch, row))
         return row
 
-    def guard_report(self, epoch: int, row: dict[str, Any], stepper: ApplyStepper) -> dict[str, Any]:
-        """The frozen net's guards at the end of an epoch (cmw_transfer.weighting.guards): warm-up decision, loss range,
-        starved classes, a weight that rises with the loss. Every number is reduced over the ranks."""
+    def guard_report(self, epoch: int, row: dict[str, Any]) -> dict[str, Any]:
+        """The frozen net's guards at the end of an epoch: the warm-up decision (the stage's gate), then what the
+        criterion's monitors saw (:meth:`CMWLoss.end_epoch`: loss range, starved classes, a weight that rises with
+        the loss). Every number is reduced over the ranks."""
         out: dict[str, Any] = {}
         if not self.is_weighted:
             self.gate.observe_mean(row.get("would_be_mean_weight"))
@@ -292,17 +281,18 @@ class ERMTrainer(Stage):
             if self.gate.start_epoch is not None:
                 out["warmup_start_epoch"] = self.gate.start_epoch
             return out
-        out.update(stepper.range_monitor.report())
-        stepper.class_monitor.reduce()
-        starved = stepper.class_monitor.starved()
-        means = [m for m in stepper.class_monitor.class_means() if m is not None]
+        assert isinstance(self.s.criterion, CMWLoss)
+        report = self.s.criterion.end_epoch()
+        out.update({k: v for k, v in report.items() if k.startswith(("loss_range_check", "frac_"))})
+        starved = report["starved_classes"]
+        means = [m for m in report["class_mean_weight"] if m is not None]
         if means:
             out["min_class_mean_weight"] = min(means)
         out["starved_classes"] = starved
-        out["weight_loss_cov"] = stepper.class_monitor.within_class_cov()
+        out["weight_loss_cov"] = report["weight_loss_cov"]
         frac = out.get("frac_outside_range")
         if frac is not None and frac > RANGE_TOLERANCE:
-            low, high = stepper.range_monitor.low, stepper.range_monitor.high
+            low, high = range_bounds(self.s.net.loss_range)
             self._warn_once("range", f"epoch {epoch + 1}: {100 * frac:.1f}% of the losses the net sees lie outside "
                                      f"the loss range it was meta-trained on [{low:.3g}, {high:.3g}] "
                                      f"({describe_range_sides(out)}); its weights there are extrapolated")

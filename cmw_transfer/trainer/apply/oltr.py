@@ -211,8 +211,7 @@ class OLTRTrainer(ERMTrainer):
         if self.stage == 1:
             return super().make_stepper(module)
         s = self.s
-        return OLTRStepper(module, self.optimizer, self.scheduler, criterion=s.criterion,
-                           normalization=s.cfg.normalization, device=s.ctx.device, amp_dtype=s.amp_dtype,
+        return OLTRStepper(module, self.optimizer, self.scheduler, criterion=s.criterion, amp_dtype=s.amp_dtype,
                            scaler=s.scaler, is_clean=s.is_clean, ctx=s.ctx, dcl_weight=s.cfg.dcl_weight)
 
     def prepare_epoch(self, epoch: int) -> str:

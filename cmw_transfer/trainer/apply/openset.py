@@ -20,22 +20,10 @@ from torch import nn
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.openset import calibrated_threshold, open_set_report
 from cmw_transfer.models.oltr import features_and_logits, reachability
-from cmw_transfer.trainer.config import ApplyConfig
+from cmw_transfer.trainer.config import ApplyConfig, parse_open_classes
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.evaluation import autocast
 from cmw_transfer.trainer.engine.loaders import make_loader
-
-
-def parse_open_classes(text: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"9"`` or ``"7,8,9"`` -> ``(7, 8, 9)``; the CLI form of ``--open-classes``."""
-    if text is None or text == "":
-        return ()
-    if not isinstance(text, str):
-        return tuple(int(c) for c in text)
-    try:
-        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise UserError(f"--open-classes '{text}': expected class indices like 9 or 7,8,9") from None
 
 
 def _relabel(ds: Any, remap: np.ndarray, known: list[int]) -> Any:

@@ -13,42 +13,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmw_transfer.artifact.load import Loaded, load
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.apply.openset import prepare_open_set
-from cmw_transfer.trainer.apply.steps import Criterion
 from cmw_transfer.trainer.config import ApplyConfig
 from cmw_transfer.trainer.data import check_model_name, load_datasets
-from cmw_transfer.trainer.engine.checkpoint import state_digest
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.evaluation import amp_setup
 from cmw_transfer.trainer.engine.loaders import make_loader
+from cmw_transfer.trainer.engine.memory import check_model_fits
+from cmw_transfer.weighting.base import Criterion
 from cmw_transfer.weighting.baselines import ClassBalancedWeighting, FocalWeighting
 from cmw_transfer.weighting.cmw import CMWLoss
 from cmw_transfer.weighting.families import target_families
-
-
-def artifact_identity(spec: str, net: CMWNet) -> dict[str, Any]:
-    """The net's content digest (and the hub commit it resolved to): a resume must find the same net."""
-    identity: dict[str, Any] = {"weights digest": state_digest(net, net.config())}
-    if spec.startswith("hub:"):
-        identity["weights revision"] = _hub_revision(spec)
-    return identity
-
-
-def _hub_revision(spec: str) -> str | None:
-    """The commit of the cached snapshot the spec resolved to (None when it cannot be told offline)."""
-    try:
-        from huggingface_hub import hf_hub_download
-
-        from cmw_transfer.artifact.fileformat import WEIGHTS_NAME
-        from cmw_transfer.weights.spec import parse_weights_spec
-
-        parsed = parse_weights_spec(spec)
-        path = Path(hf_hub_download(parsed.target, WEIGHTS_NAME, revision=parsed.revision, local_files_only=True))
-    except Exception:  # the digest still identifies the net
-        return None
-    return path.parent.name if path.parent.parent.name == "snapshots" else None
 
 
 @dataclass
@@ -77,13 +55,16 @@ class RunSetup:
 
 
 def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
+    """The net of ``--weights`` (loaded once, with its identity), the target's data, families and criterion."""
     from cmw_transfer.models import input_geometry
 
     check_model_name(cfg.model)
-    curvenet = _curvenet(cfg)
     # --weighting none ignores --weights, so the baseline is the same command with one option changed
-    net = CMWNet.from_pretrained(cfg.weights) if cfg.weights and cfg.weighting == "cmw" and curvenet is None \
-        else None
+    loaded = load(cfg.weights) if cfg.weights and cfg.weighting == "cmw" else None
+    if cfg.curves and (loaded is None or loaded.kind != "curvenet"):
+        raise UserError("--curves is read by a CurveNet only: give --weights a CurveNet artifact (metatrain "
+                        "--method curvenet --curvenet-mode transferable), or drop --curves")
+    net = loaded.net if loaded is not None and loaded.kind == "cmwnet" else None
     if net is not None and cfg.families is not None and cfg.families != net.num_heads:
         target_families(net, np.zeros(0), cfg.families)  # raises the K mismatch before data is loaded
 
@@ -95,55 +76,25 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
     if cfg.open_classes or cfg.open_dataset or cfg.dataset.strip() == "imagenet-lt":
         train_ds, eval_sets, open_ds = prepare_open_set(cfg, train_ds, eval_sets)
     counts = train_ds.class_counts()
-    num_classes = int(train_ds.num_classes)
     if int((counts > 0).sum()) < 2:
         raise UserError(f"the training set has {int((counts > 0).sum())} class(es) with samples: a classifier "
                         "needs at least 2; check --dataset / --noise / --imbalance")
-
-    families = None
-    criterion: Criterion | None = None
-    device = ctx.device
-    if net is not None:
-        with warnings.catch_warnings():
-            if not ctx.is_main:  # the same warning once, not once per rank
-                warnings.simplefilter("ignore")
-            families = target_families(net, counts, cfg.families)  # deterministic: seeded k-means
-        digests = ctx.all_gather_object(families["digest"])
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"ranks disagree on the target families: {digests}")
-        families["rank_digests"] = digests
-        families["ranks_agree"] = True
-        criterion = CMWLoss(net, families["family_of_class"], cfg.normalization,
-                            min_class_weight=cfg.min_class_weight).to(device)
-    elif curvenet is not None:
-        from cmw_transfer.weighting.curves import curve_criterion, probe_hint_for
-
-        criterion = curve_criterion(curvenet, cfg.curves, train_ds, cfg.normalization,
-                                    probe_hint_for(cfg, curvenet)).to(device)
-    elif cfg.weighting == "focal":
-        criterion = FocalWeighting(cfg.focal_gamma, cfg.normalization).to(device)
-    elif cfg.weighting == "class-balanced":
-        criterion = ClassBalancedWeighting(counts, cfg.cb_beta, cfg.normalization).to(device)
-    elif cfg.weighting == "eql":
-        from cmw_transfer.weighting.eql import EQLWeighting
-
-        criterion = EQLWeighting(counts, cfg.eql_threshold, cfg.eql_rho).to(device)
+    families = run_families(net, counts, cfg, ctx) if net is not None else None
+    criterion = make_criterion(cfg, loaded, families, train_ds)
+    if criterion is not None:
+        criterion = criterion.to(ctx.device)
 
     def loader(ds: Any, train: bool) -> Any:
         return make_loader(ds, cfg.batch_size, train=train, workers=cfg.workers, seed=cfg.seed,
                            distributed=ctx.enabled)
 
-    amp_dtype, scaler = amp_setup(cfg.amp, device)
+    amp_dtype, scaler = amp_setup(cfg.amp, ctx.device)
     is_clean = None
     if train_ds.clean_targets is not None:
-        is_clean = torch.as_tensor(train_ds.targets == train_ds.clean_targets, device=device)
-    identity = artifact_identity(str(cfg.weights), net) if net is not None else {}
-    if curvenet is not None:
-        identity = {"weights digest": state_digest(curvenet, curvenet.config())}
-    return RunSetup(cfg=cfg, ctx=ctx, out=Path(cfg.out), net=net,
-                    net_identity=identity,
-                    families=families, criterion=criterion,
-                    train_ds=train_ds, eval_sets=eval_sets, open_ds=open_ds, counts=counts, num_classes=num_classes,
+        is_clean = torch.as_tensor(train_ds.targets == train_ds.clean_targets, device=ctx.device)
+    return RunSetup(cfg=cfg, ctx=ctx, out=Path(cfg.out), net=net, net_identity=loaded.identity if loaded else {},
+                    families=families, criterion=criterion, train_ds=train_ds, eval_sets=eval_sets, open_ds=open_ds,
+                    counts=counts, num_classes=int(train_ds.num_classes),
                     in_chans=input_geometry(getattr(train_ds, "input_shape", (3, 0, 0)), cfg.img_size)[0],
                     train_loader=loader(train_ds, True),
                     eval_loaders=[(label, loader(ds, False)) for label, ds in eval_sets],
@@ -151,27 +102,46 @@ def build_setup(cfg: ApplyConfig, ctx: DistributedContext) -> RunSetup:
                     scaler=scaler, is_clean=is_clean)
 
 
-def _curvenet(cfg: ApplyConfig) -> Any:
-    """The CurveNet of ``--weights`` (None for a CMW-Net); ``--curves`` without one is a user error."""
-    from cmw_transfer.artifact.curvenet import CurveNet, artifact_method
+def run_families(net: CMWNet, counts: np.ndarray, cfg: ApplyConfig, ctx: DistributedContext) -> dict[str, Any]:
+    """The target's class-size families (``families.json``), the same on every rank (checked)."""
+    with warnings.catch_warnings():
+        if not ctx.is_main:  # the same warning once, not once per rank
+            warnings.simplefilter("ignore")
+        families = target_families(net, counts, cfg.families)  # deterministic: seeded k-means
+    digests = ctx.all_gather_object(families["digest"])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the target families: {digests}")
+    families["rank_digests"] = digests
+    families["ranks_agree"] = True
+    return families
 
-    if cfg.weights and cfg.weighting == "cmw" and artifact_method(cfg.weights) == "curvenet":
-        return CurveNet.from_pretrained(cfg.weights)
-    if cfg.curves:
-        raise UserError("--curves is read by a CurveNet only: give --weights a CurveNet artifact (metatrain "
-                        "--method curvenet --curvenet-mode transferable), or drop --curves")
+
+def make_criterion(cfg: ApplyConfig, loaded: Loaded | None, families: dict[str, Any] | None, train_ds: Any
+                   ) -> Criterion | None:
+    """``--weighting``'s criterion (None: plain cross-entropy), every one a :class:`Criterion`."""
+    counts = train_ds.class_counts()
+    if loaded is not None and loaded.kind == "cmwnet":
+        assert families is not None
+        return CMWLoss(loaded.net, families["family_of_class"], cfg.normalization,
+                       min_class_weight=cfg.min_class_weight)
+    if loaded is not None:
+        from cmw_transfer.weighting.curves import curve_criterion, probe_hint_for
+
+        return curve_criterion(loaded.net, cfg.curves, train_ds, cfg.normalization, probe_hint_for(cfg, loaded.net))
+    if cfg.weighting == "focal":
+        return FocalWeighting(cfg.focal_gamma, cfg.normalization)
+    if cfg.weighting == "class-balanced":
+        return ClassBalancedWeighting(counts, cfg.cb_beta, cfg.normalization)
+    if cfg.weighting == "eql":
+        from cmw_transfer.weighting.eql import EQLWeighting
+
+        return EQLWeighting(counts, cfg.eql_threshold, cfg.eql_rho, cfg.normalization)
     return None
 
 
 def check_memory(cfg: ApplyConfig, device: torch.device) -> None:
     """Refuse a step that cannot fit in memory (:mod:`cmw_transfer.trainer.engine.memory`); CPU ranks of one machine
     share its memory."""
-    from cmw_transfer.models import create_model
-    from cmw_transfer.trainer.engine.memory import check_step_fits, planned_geometry
-
-    geometry = planned_geometry(cfg.dataset, cfg.img_size)
-    if geometry is None:
-        return
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    check_step_fits(lambda: create_model(cfg.model, num_classes=2, in_chans=geometry[0], img_size=cfg.img_size),
-                    cfg.model, geometry, cfg.batch_size, device, processes=processes, half_precision=cfg.amp)
+    check_model_fits(cfg.model, cfg.dataset, cfg.batch_size, device, img_size=cfg.img_size, processes=processes,
+                     half_precision=cfg.amp)

@@ -19,9 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.evaluation import autocast
-from cmw_transfer.weighting import CMWLoss, loss_coefficients
-from cmw_transfer.weighting.baselines import ClassBalancedWeighting, FocalWeighting
-from cmw_transfer.weighting.guards import ClassWeightMonitor, LossRangeMonitor, lift_class_floor
+from cmw_transfer.weighting.base import Criterion
 from cmw_transfer.weighting.soft_labels import (
     PseudoLabelBank,
     make_teacher,
@@ -32,34 +30,14 @@ from cmw_transfer.weighting.soft_labels import (
     teacher_probs,
 )
 
-Criterion = CMWLoss | FocalWeighting | ClassBalancedWeighting
 
-
-def applied_weights(criterion: Criterion, losses: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The criterion's weights, with a frozen net's class floor (``CMWLoss.min_class_weight``) applied."""
-    w = criterion.weights(losses, y)
-    floor = getattr(criterion, "min_class_weight", 0.0)
-    if floor > 0:
-        w = lift_class_floor(w, y, criterion.num_classes, floor)
-    return w
-
-
-def weighted_ce(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion | None, normalization: str,
-                weighted: bool, idx: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, per-sample CE, weights or None): the criterion's weighted CE, or the plain mean CE (warm-up).
-
-    A criterion with ``needs_index`` (a frozen CurveNet: weights of fixed per-sample attributes) also gets the
-    batch's sample ids.
-    """
-    if weighted and hasattr(criterion, "per_sample_loss"):  # a loss that changes the softmax itself (EQL)
-        losses = criterion.per_sample_loss(logits.float(), y)
-    else:
-        losses = F.cross_entropy(logits.float(), y, reduction="none")
+def weighted_ce(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion | None, weighted: bool,
+                idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, per-sample losses, weights or None): the criterion's weighted loss (its own, e.g. EQL's softmax) or
+    the plain mean CE (the warm-up, the ERM baseline)."""
     if weighted and criterion is not None:
-        w = criterion.weights(losses, y, idx) if getattr(criterion, "needs_index", False) else \
-            applied_weights(criterion, losses, y)
-        return (loss_coefficients(w, normalization) * losses).sum(), losses, w
+        return criterion.weighted_loss(logits.float(), y, idx)
+    losses = F.cross_entropy(logits.float(), y, reduction="none")
     return losses.mean(), losses, None
 
 
@@ -68,7 +46,7 @@ def soft_label_objective(logits: torch.Tensor, y: torch.Tensor, pseudo: torch.Te
     """(loss, per-sample CE of the first label, its weights or None): CMW-Net-SL's loss of a mixed batch."""
     logits = logits.float()
     labels, losses2 = mixup_losses(logits, y, perm)
-    v = applied_weights(criterion, losses2, labels) if criterion is not None else torch.ones_like(losses2)
+    v = criterion.applied_weights(losses2, labels) if criterion is not None else torch.ones_like(losses2)
     size = y.shape[0]
     loss = soft_label_loss(logits, y, pseudo, (v[:size], v[size:]), lam, perm)
     return loss, losses2, v if criterion is not None else None
@@ -82,29 +60,20 @@ class ApplyStepper:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
-                 criterion: Criterion | None = None, normalization: str = "batch", device: torch.device | None = None,
-                 amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-                 soft: SoftLabelState | None = None, is_clean: torch.Tensor | None = None,
-                 ctx: DistributedContext | None = None, collect_losses: bool = True) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.criterion, self.normalization = criterion, normalization
-        self.device = device or next(model.parameters()).device
+                 criterion: Criterion | None = None, amp_dtype: torch.dtype | None = None,
+                 scaler: torch.amp.GradScaler | None = None, soft: SoftLabelState | None = None,
+                 is_clean: torch.Tensor | None = None, ctx: DistributedContext | None = None) -> None:
+        self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
+        self.device = next(model.parameters()).device
         self.amp_dtype, self.scaler, self.soft, self.is_clean = amp_dtype, scaler, soft, is_clean
         self.ctx = ctx
-        self.collect_losses = collect_losses
         self.num_updates = 0
         self.observe_unweighted = False  # warm-up epochs of an auto warm-up: record what the net *would* give
-        net = getattr(criterion, "net", None)
-        self.num_classes = getattr(criterion, "num_classes", 0)
-        self.range_monitor = LossRangeMonitor(net.loss_range if net is not None else None, self.device)
-        self.class_monitor = ClassWeightMonitor(max(self.num_classes, 1), self.device)
         self.reset_stats()
 
     def reset_stats(self) -> None:
         # loss*n, correct, n, sum w, sum w*clean, clean, sum w*noisy, sum would-be w
         self.stats = torch.zeros(8, dtype=torch.float64, device=self.device)
-        self.loss_samples: list[torch.Tensor] = []
-        self.class_monitor.reset()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, weighted: bool) -> torch.Tensor:
         if self.soft is not None and weighted:
@@ -112,7 +81,7 @@ class ApplyStepper:
         self.model.train()
         with autocast(self.device, self.amp_dtype):
             logits, extra = self._forward(x, y)
-        loss, losses, w = weighted_ce(logits, y, self.criterion, self.normalization, weighted, idx)
+        loss, losses, w = weighted_ce(logits, y, self.criterion, weighted, idx)
         if extra is not None:  # an unweighted auxiliary loss (OLTR's centroid loss)
             loss = loss + extra
         self._backward_and_step(loss)
@@ -120,18 +89,17 @@ class ApplyStepper:
             self.soft.teacher.update(unwrap(self.model))
         if w is not None:
             self._guard(losses, w, y)
-        elif self.observe_unweighted and isinstance(self.criterion, CMWLoss):
+        elif self.observe_unweighted and self.criterion is not None:
             self.stats[7] += self.criterion.weights(losses.detach(), y).double().sum()
-        self._record(loss, losses, logits, y, idx, w)
+        self._record(loss, logits, y, idx, w)
         return loss.detach()
 
     @torch.no_grad()
     def _guard(self, losses: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
-        """On-device statistics of what a frozen net did this step: range, per-class weight, weight-loss trend."""
-        if not isinstance(self.criterion, CMWLoss):
-            return
-        self.range_monitor.observe(losses)
-        self.class_monitor.observe(w, y, losses)
+        """What the criterion did this step, for its monitors (a frozen net's guards: range, per-class weight,
+        weight-loss trend; nothing for a fixed weighting)."""
+        assert self.criterion is not None
+        self.criterion.observe(losses, w, y)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits, and an auxiliary loss added unweighted (None here; subclasses add one)."""
@@ -151,7 +119,7 @@ class ApplyStepper:
         size = y.shape[0]
         if w2 is not None:  # the net saw both mixup terms: the guards look at what it saw
             self._guard(losses2, w2, torch.cat([y, y[perm]]))
-        self._record(loss, losses2[:size], logits.float(), y, idx, None if w2 is None else w2[:size])
+        self._record(loss, logits.float(), y, idx, None if w2 is None else w2[:size])
         return loss.detach()
 
     def null_step(self, shape: tuple[int, ...]) -> None:
@@ -179,8 +147,8 @@ class ApplyStepper:
             self.scheduler.step_update(num_updates=self.num_updates)
 
     @torch.no_grad()
-    def _record(self, loss: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                idx: torch.Tensor, w: torch.Tensor | None) -> None:
+    def _record(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                w: torch.Tensor | None) -> None:
         n = y.shape[0]
         row = [loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
                torch.tensor(float(n), dtype=torch.float64, device=self.device)]
@@ -190,8 +158,6 @@ class ApplyStepper:
                 clean = self.is_clean[idx].double()
                 row += [(w.double() * clean).sum(), clean.sum(), (w.double() * (1 - clean)).sum()]
         self.stats[: len(row)] += torch.stack(row)
-        if self.collect_losses:
-            self.loss_samples.append(losses.detach())
 
     def epoch_stats(self, ctx: DistributedContext) -> dict[str, Any]:
         """Train metrics of the epoch, reduced over ranks (one collective)."""
@@ -207,11 +173,6 @@ class ApplyStepper:
                 out["mean_weight_clean"] = s[4] / s[5] if s[5] else None
                 out["mean_weight_noisy"] = s[6] / noisy if noisy else None
         return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
-
-    def losses_seen(self) -> np.ndarray:
-        if not self.loss_samples:
-            return np.zeros(0, dtype=np.float32)
-        return torch.cat(self.loss_samples).float().cpu().numpy()
 
 
 class SoftLabelState:

@@ -14,6 +14,7 @@ from cmw_transfer.trainer.config.apply import (
     TRAINERS,
     WEIGHTINGS,
     ApplyConfig,
+    parse_open_classes,
 )
 from cmw_transfer.trainer.config.base import (
     RUN_OPTIONS,
@@ -76,6 +77,7 @@ __all__ = [
     "parse_loggers",
     "parse_meta_grad",
     "parse_meta_set",
+    "parse_open_classes",
     "recipe_for",
     "resolve_apply",
     "resolve_metatrain",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,6 +21,18 @@ OLTR_FIELDS = ("oltr_stage1_epochs", "oltr_stage2_epochs", "oltr_backbone_lr_mul
 # settings that do not change what is computed: a resume may change them
 RESUME_FREE = ("out", "resume", "workers", "eval_every", "extra_eval", "device", "overwrite", "progress",
                "open_dataset", "open_threshold", "open_accept", "log")
+
+
+def parse_open_classes(text: str | Sequence[int] | None) -> tuple[int, ...]:
+    """``"9"`` or ``"7,8,9"`` -> ``(7, 8, 9)``; the CLI form of ``--open-classes``."""
+    if text is None or text == "":
+        return ()
+    if not isinstance(text, str):
+        return tuple(int(c) for c in text)
+    try:
+        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise UserError(f"--open-classes '{text}': expected class indices like 9 or 7,8,9") from None
 
 
 @dataclass

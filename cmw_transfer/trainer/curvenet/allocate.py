@@ -17,8 +17,6 @@ import torch
 
 from cmw_transfer.artifact.curvenet import CurveNet
 from cmw_transfer.atomic import atomic_path
-from cmw_transfer.dataset import resolve_source
-from cmw_transfer.defaults import __version__
 from cmw_transfer.trainer.config import CurveNetConfig
 from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
 from cmw_transfer.trainer.engine.registry import register_trainer
@@ -127,12 +125,7 @@ class CurveNetTrainer(MetaTrainer):
     def export(self) -> CurveNet:
         cfg = self.cfg
         net = self.wnet.cpu()
-        net.provenance = {
-            "source": cfg.src, "bias": str(resolve_source(cfg.src, cfg.noise, cfg.imbalance)[1]) or "none",
-            "method": "curvenet", "mode": cfg.curvenet_mode, "backbone": cfg.model, "epochs": cfg.epochs,
-            "seed": cfg.seed, "meta_set": cfg.meta_set, "meta_grad": cfg.meta_grad, "meta_stop_epoch": self.stop,
-            "toolkit_version": __version__,
-        }
+        net.provenance = self.provenance(mode=cfg.curvenet_mode, meta_stop_epoch=self.stop)
         net.save_pretrained(self.out)
         missing = np.flatnonzero(np.isnan(self.bank))  # never in a batch before the stop: the frozen net's weight
         if missing.size:

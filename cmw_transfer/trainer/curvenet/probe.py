@@ -33,12 +33,12 @@ from torch.nn.parallel import DistributedDataParallel
 from cmw_transfer.atomic import write_json
 from cmw_transfer.defaults import PROBE_NAME
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.config import ProbeConfig
+from cmw_transfer.trainer.config import ProbeConfig, parse_meta_set
+from cmw_transfer.trainer.data import load_source, load_train, warn_empty
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.loaders import make_loader
-from cmw_transfer.trainer.engine.loop import Engine, Stage
+from cmw_transfer.trainer.engine.loop import Stage
 from cmw_transfer.trainer.engine.registry import register_trainer
-from cmw_transfer.trainer.engine.rundir import RunDirectory
 
 LOSSES_NAME = "losses.npy"
 LABELS_NAME = "labels.npy"
@@ -58,17 +58,11 @@ def cyclical_lr(epoch: int, epochs: int, lr: float, drop_fraction: float, cycle_
 def probe_dataset(cfg: ProbeConfig) -> Any:
     """The training set the curves index: apply's layout, or meta-train's (clean meta samples held out)."""
     if cfg.meta_set is None:
-        from cmw_transfer.trainer.config import ApplyConfig
-        from cmw_transfer.trainer.data import load_datasets
-
-        acfg = ApplyConfig(dataset=cfg.dataset, out=cfg.out, data_root=cfg.data_root, noise=cfg.noise,
-                           imbalance=cfg.imbalance, weighting="none", seed=cfg.seed)
-        return load_datasets(acfg)[0]
-    from cmw_transfer.trainer.config import MetaTrainConfig, parse_meta_set
-    from cmw_transfer.trainer.data import load_source
-    mcfg = MetaTrainConfig(src=cfg.dataset, out=cfg.out, data_dir=cfg.data_root, noise=cfg.noise,
-                           imbalance=cfg.imbalance, meta_set=cfg.meta_set, seed=cfg.seed)
-    return load_source(mcfg, parse_meta_set(cfg.meta_set)).train
+        train = load_train(cfg.dataset, cfg.data_root, cfg.noise, cfg.imbalance, seed=cfg.seed)
+        warn_empty(train, [], f"--dataset {cfg.dataset}")
+        return train
+    return load_source(cfg.dataset, cfg.data_root, cfg.noise, cfg.imbalance, seed=cfg.seed,
+                       meta=parse_meta_set(cfg.meta_set)).train
 
 
 def _shard_positions(loader: Any, n: int, rank: int, world: int, step: int, size: int) -> np.ndarray:
@@ -214,18 +208,6 @@ class ProbeTrainer(Stage):
             self._write_probe_json(complete=True)
         return {"out": str(self.out), "samples": self.n, "epochs": self.cfg.epochs, "losses": str(self.out /
                 LOSSES_NAME), "final": rows[-1] if rows else {}, "seconds_this_session": seconds}
-
-
-def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
-    """Run (or, with ``cfg.resume``, continue) a probe; returns the summary. The library entry point of the CLI."""
-    cfg.validate()
-    RunDirectory(cfg.out, ProbeTrainer.kind, resume=cfg.resume, overwrite=cfg.overwrite).check()
-    ctx = DistributedContext.from_env(cfg.device)
-    try:
-        stage = ProbeTrainer(cfg, ctx)
-        return Engine(stage, resume=cfg.resume, overwrite=cfg.overwrite).run()
-    finally:
-        ctx.teardown()
 
 
 def probe_command(cfg: ProbeConfig) -> str:

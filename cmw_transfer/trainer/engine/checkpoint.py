@@ -8,8 +8,6 @@ hub revision, the length of the lr schedule.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +15,9 @@ import torch
 
 from cmw_transfer.atomic import atomic_path
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.config import config_fingerprint
-
-__all__ = ["config_fingerprint"]  # re-exported: the fingerprint lives with the configurations
 
 CHECKPOINT_NAME = "checkpoint.pt"
 ENGINE_KEYS = ("fingerprint", "epoch", "identity")
-
-
-def state_digest(module: torch.nn.Module, extra: Any = None) -> str:
-    """Content digest of a module's tensors (names, dtypes, shapes, bytes) and a JSON-able ``extra``."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -124,6 +124,7 @@ class Stage:
     state_keys: ClassVar[tuple[str, ...]] = ()
     summary_name: ClassVar[str | None] = None
     legacy_first_epoch: ClassVar[int | None] = None  # the label of epoch 0 in checkpoints that do not record it
+    distributed: ClassVar[bool] = True  # one rank of a torchrun job (False: always a single process)
     log: tuple[str, ...] = ()
 
     ctx: DistributedContext
@@ -131,6 +132,12 @@ class Stage:
     seed: int
     progress: bool
     batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Any, ctx: DistributedContext) -> Stage:
+        """The launcher's hook (:func:`~cmw_transfer.trainer.engine.launch.run_stage`): the stage of ``cfg`` on
+        ``ctx``, with its data, model and optimizers; never its engine."""
+        return cls(cfg, ctx)  # type: ignore[call-arg]
 
     # -- identity and state -----------------------------------------------------------------------------------------
     def total_epochs(self) -> int:
@@ -195,6 +202,11 @@ class Engine:
         self._start: int | None = None
         self._loggers: list[EpochLogger] = []
         self._relabel = 0  # added to the epoch labels of a legacy checkpoint's log rows
+
+    @property
+    def start_epoch(self) -> int:
+        """The index of the first epoch to train (known once the checkpoint is restored: 0 before)."""
+        return self._start or 0
 
     def run(self) -> dict[str, Any]:
         stage, ctx = self.stage, self.stage.ctx

@@ -173,3 +173,17 @@ def check_step_fits(build: Callable[[], nn.Module], model_name: str, geometry: t
         f"least {_gib(need)} ({_gib(estimate.activation_bytes_per_sample)} of activations per sample, "
         f"{_gib(PARAMETER_COPIES * estimate.parameter_bytes)} of weights, gradients and momentum) but "
         f"{_gib(available)} is available on {device.type}: {advice} (or set {DISABLE_ENV}=1 to skip this check)")
+
+
+def check_model_fits(model: str, dataset: str, batch_size: int, device: torch.device, *, img_size: int | None = None,
+                     extra_samples: int = 0, processes: int = 1, half_precision: bool = False) -> None:
+    """:func:`check_step_fits` for ``--model`` on ``--dataset`` at its planned input size (nothing to check for the
+    in-memory datasets at their own small size): what the stages run before any data is loaded."""
+    from cmw_transfer.models import create_model
+
+    geometry = planned_geometry(dataset, img_size)
+    if geometry is None:
+        return
+    check_step_fits(lambda: create_model(model, num_classes=2, in_chans=geometry[0], img_size=img_size), model,
+                    geometry, batch_size, device, extra_samples=extra_samples, processes=processes,
+                    half_precision=half_precision)

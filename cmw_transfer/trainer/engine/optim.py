@@ -35,6 +35,8 @@ def create_optimizer_and_scheduler(
     The scheduler (``None`` for ``sched="none"``) steps per update: call ``scheduler.step_update(num_updates)``
     after every optimizer step. ``warmup_lr_epochs`` is timm's linear lr warm-up, unrelated to the CE warm-up
     epochs of the CMW-Net recipe.
+
+    Size: one keyword per option of timm's two factories that the stages set (all keyword-only, with defaults).
     """
     if lr <= 0:
         raise UserError(f"--lr must be > 0, got {lr}")

@@ -41,7 +41,15 @@ from torch.func import functional_call
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config.metatrain import ADVISOR_PARTS
 from cmw_transfer.trainer.meta.dual_forward import FusedTangents
-from cmw_transfer.trainer.meta.metastep import FamusGates, MetaResult, StepSpec, _gate_gradients, virtual_weights
+from cmw_transfer.trainer.meta.metastep import (
+    FamusGates,
+    MetaResult,
+    StepSpec,
+    VirtualUpdate,
+    clone_buffers,
+    meta_step_core,
+    resolve_derivatives,
+)
 from cmw_transfer.weighting.eql import equalized_cross_entropy
 
 Params = dict[str, torch.Tensor]
@@ -151,8 +159,18 @@ def advise(advisor: nn.Module, advisor_params: Params | None, f: torch.Tensor, p
     return functional_call(advisor, advisor_params, (f.detach(), plain.detach()))
 
 
-def _clone(buffers: Params) -> Params:
-    return {k: b.clone() for k, b in buffers.items()}
+@dataclass(frozen=True)
+class Advised:
+    """The advisor's outputs on a batch and the training loss they define (the virtual and the actual pass)."""
+
+    split: Split
+    y: torch.Tensor
+    mask: torch.Tensor | None
+    s: torch.Tensor | None
+    beta: torch.Tensor
+
+    def terms(self, head_params: Params, f: torch.Tensor) -> torch.Tensor:
+        return advisor_terms(self.split, head_params, f, self.y, self.mask, self.s, self.beta)
 
 
 def advisor_meta_gradient(
@@ -184,53 +202,34 @@ def advisor_meta_gradient(
     running statistics once); otherwise the forward runs here on cloned buffers. ``all_grads``: also return the
     training gradient of every parameter at the current advisor (``result.train_grads``, for ``--actual-step
     reuse``). ``keep_graph`` leaves the training graph alive for the actual step.
+
+    Size: the pure function tests call, each argument one of its inputs; the work is in
+    :func:`~cmw_transfer.trainer.meta.metastep.meta_step_core`, the directional derivative in the strategy below.
     """
     split = make_split(model)
     advisor_params = advisor_params if advisor_params is not None else dict(advisor.named_parameters())
     if features is None:
         leaves = {k: p if p.requires_grad else p.detach().requires_grad_(True) for k, p in params.items()}
-        f = split.features(leaves, _clone(buffers), x)
+        f = split.features(leaves, clone_buffers(buffers), x)
     else:
         leaves, f = params, features
     head = split.head_params(leaves)
-    if derivatives == "auto":
-        derivatives = "forward" if len(names) == len(leaves) else "reverse"
-    reverse = derivatives == "reverse"
-
+    reverse = resolve_derivatives(derivatives, names, leaves) == "reverse"
     plain = plain_losses(split, head, f, y)
     mask, s = advise(advisor, advisor_params, f, plain)
-    terms = advisor_terms(split, head, f, y, mask, s, beta)
-    loss = terms.mean()
-    grad_names = list(leaves) if all_grads else names
-    grads = torch.autograd.grad(loss, [leaves[n] for n in grad_names], retain_graph=reverse or keep_graph,
-                                allow_unused=True)
-    grad_all = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(grad_names, grads)}
-    grad_of = {n: grad_all[n] for n in names}
+    advised = Advised(split, y, mask, s, beta)
+    loss = advised.terms(head, f).mean()
 
-    gate_values = gates(grad_of) if gates is not None else {}
-    fast, scale = virtual_weights(leaves, grad_of, step, names, momentum_buffers)
-    meta_logits = functional_call(model, (fast, _clone(buffers)), (meta_x,))  # plain features, plain softmax
-    meta_loss = F.cross_entropy(meta_logits, meta_y)
-    g_meta = torch.autograd.grad(meta_loss, [fast[n] for n in names], allow_unused=True)
-    g_meta = [torch.zeros_like(fast[n]) if g is None else g for n, g in zip(names, g_meta)]
+    def directional(g_meta: list[torch.Tensor], scale: dict[str, float]) -> torch.Tensor:
+        """dL_meta/dtheta = -grad_theta h, h the training loss's derivative along the tangents."""
+        tangents = {n: scale[n] * g for n, g in zip(names, g_meta)}
+        if reverse:
+            return -_reverse_direction(loss, leaves, tangents, keep_graph)
+        return -_forward_direction(advised, leaves, buffers, x, f, head, tangents)
 
-    result = MetaResult(wnet_grads={}, meta_loss=float(meta_loss.detach()))
-    if all_grads:
-        result.train_grads = grad_all
-    if gates is not None:
-        result.active = [n for n in names if float(gate_values[n].detach()) > 0.5]
-        g_meta_gated = [g if n in result.active else torch.zeros_like(g) for n, g in zip(names, g_meta)]
-        result.gate_grads = _gate_gradients(gates, gate_values, names, g_meta, grad_of, result.active, scale)
-        g_meta = g_meta_gated
-    tangents = {n: scale[n] * g for n, g in zip(names, g_meta)}
-    if reverse:
-        h = _reverse_direction(loss, leaves, tangents, keep_graph)
-    else:
-        h = _forward_direction(split, leaves, buffers, x, y, f, head, mask, s, beta, tangents)
-    wgrads = torch.autograd.grad(-h, list(advisor_params.values()), allow_unused=True)
-    result.wnet_grads = {k: torch.zeros_like(p) if g is None else g
-                         for (k, p), g in zip(advisor_params.items(), wgrads)}
-    return result
+    return meta_step_core(model, buffers, leaves, loss, VirtualUpdate(names, step, momentum_buffers, gates),
+                          (meta_x, meta_y), advisor_params, directional, all_grads=all_grads,
+                          retain=reverse or keep_graph)
 
 
 def _reverse_direction(loss: torch.Tensor, leaves: Params, tangents: Params, keep_graph: bool) -> torch.Tensor:
@@ -244,10 +243,10 @@ def _reverse_direction(loss: torch.Tensor, leaves: Params, tangents: Params, kee
     return torch.stack(terms).sum()
 
 
-def _forward_direction(split: Split, leaves: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor,
-                       f: torch.Tensor, head: Params, mask: torch.Tensor | None, s: torch.Tensor | None,
-                       beta: torch.Tensor, tangents: Params) -> torch.Tensor:
+def _forward_direction(advised: Advised, leaves: Params, buffers: Params, x: torch.Tensor, f: torch.Tensor,
+                       head: Params, tangents: Params) -> torch.Tensor:
     """``h = <dL/df, df[t]> + <dL/dw_c, t_c>``: the backbone's tangent by one dual forward, the rest on the head."""
+    split = advised.split
     head_names = {f"{split.prefix}.{k}" for k in head}
     backbone = {n: t for n, t in tangents.items() if n not in head_names}
     df = torch.zeros_like(f)
@@ -255,13 +254,13 @@ def _forward_direction(split: Split, leaves: Params, buffers: Params, x: torch.T
         frozen = {k: p.detach() for k, p in leaves.items() if k not in backbone}
         with torch.no_grad(), fwad.dual_level(), FusedTangents():
             dual = {n: fwad.make_dual(leaves[n].detach(), t.detach()) for n, t in backbone.items()}
-            out = split.features({**frozen, **dual}, _clone(buffers), x)
+            out = split.features({**frozen, **dual}, clone_buffers(buffers), x)
             tangent = fwad.unpack_dual(out).tangent
         if tangent is not None:
             df = tangent
     f_leaf = f.detach().requires_grad_(True)
     head_leaf = {k: v.detach().requires_grad_(True) for k, v in head.items()}
-    loss = advisor_terms(split, head_leaf, f_leaf, y, mask, s, beta).mean()
+    loss = advised.terms(head_leaf, f_leaf).mean()
     keys = list(head_leaf)
     grads = torch.autograd.grad(loss, [f_leaf, *head_leaf.values()], create_graph=True, allow_unused=True)
     h = (grads[0] * df).sum()

@@ -7,21 +7,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.mixture import GaussianMixture
 
 from cmw_transfer.errors import UserError
-
-
-def check_class_sizes(counts: np.ndarray, per_class: int, what: str) -> None:
-    """Refuse a meta set that would take a class's every sample; classes without samples have no part in it."""
-    small = np.flatnonzero(counts <= per_class) if what == "clean" else np.flatnonzero(counts < per_class)
-    small = small[counts[small] > 0]
-    if small.size:
-        need = "more than" if what == "clean" else "at least"
-        raise UserError(f"--meta-set {what}:{per_class} needs {need} {per_class} samples in every class, but "
-                        f"class(es) {small[:10].tolist()} have {counts[small[:10]].tolist()}; lower N")
+from cmw_transfer.trainer.config import MetaSetSpec
 
 
 def lowest_loss_indices(losses: np.ndarray, targets: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
@@ -56,3 +49,41 @@ def per_sample_losses(model: torch.nn.Module, loader, device: torch.device, size
         loss = torch.nn.functional.cross_entropy(logits.float(), y.to(device), reduction="none")
         out[idx.numpy()] = loss.cpu().numpy()
     return out
+
+
+def stack_batch(ds: Any, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[int(i)] for i in indices]
+    return torch.stack([it[0] for it in items]), torch.as_tensor([it[1] for it in items], dtype=torch.long)
+
+
+class MetaSet:
+    """The meta set of a run: the clean samples held out before the bias, or training samples picked again every
+    epoch from the teacher's losses (``indices``, checkpointed)."""
+
+    def __init__(self, spec: MetaSetSpec, train: Any, clean: Any, device: torch.device) -> None:
+        self.spec, self.train, self.clean, self.device = spec, train, clean, device
+        self.indices = None if spec.kind == "clean" else np.arange(0)
+
+    def rebuild(self, teacher: torch.nn.Module, loader: Any, seed: int) -> None:
+        """Pick the meta samples again from the losses of every training sample under ``teacher``."""
+        if self.spec.kind == "clean":
+            return
+        losses = per_sample_losses(teacher, loader, self.device, len(self.train))
+        if self.spec.kind == "lowest-loss":
+            self.indices = lowest_loss_indices(losses, self.train.targets, self.train.num_classes,
+                                               self.spec.per_class)
+        else:
+            self.indices = gmm_clean_indices(losses, seed=seed)
+        if self.indices.size == 0:
+            raise UserError("the meta set came out empty (GMM found no clean component); "
+                            "use --meta-set lowest-loss:N")
+
+    def batch(self, gen: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` meta samples (fewer when the set is smaller) drawn without replacement by ``gen``."""
+        if self.spec.kind == "clean":
+            ds, pool = self.clean, np.arange(len(self.clean))
+        else:
+            ds, pool = self.train, self.indices
+        take = gen.choice(pool, size=min(size, pool.size), replace=False)
+        x, y = stack_batch(ds, take)
+        return x.to(self.device), y.to(self.device)

@@ -32,7 +32,6 @@ from cmw_transfer.dataset import resolve_source
 from cmw_transfer.defaults import __version__
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import parse_advisor
-from cmw_transfer.trainer.engine.checkpoint import CHECKPOINT_NAME
 from cmw_transfer.trainer.engine.registry import register_trainer
 from cmw_transfer.trainer.meta.advisor import (
     AdvisorNet,
@@ -70,44 +69,27 @@ class AdvisorTrainer(MetaTrainer):
         return torch.as_tensor(draw, dtype=torch.float32, device=self.device)
 
     def train_step(self, it: int, batch: Any) -> int:
-        cfg, sums, params, split = self.cfg, self.sums, self.params, self.split
+        split = self.split
         x, y, idx = batch
         x, y = x.to(self.device), y.to(self.device)
         f = split.view(x)  # the real forward: BatchNorm's running statistics move once per iteration
-        head = split.head_params(params)
+        head = split.head_params(self.params)
         plain = plain_losses(split, head, f, y)
-        if not torch.isfinite(plain).all():
-            raise UserError(f"non-finite training loss at epoch {self.epoch_label()}, iteration {it}: the run "
-                            f"diverged; the last checkpoint ({self.out / CHECKPOINT_NAME}) is intact; lower "
-                            "--lr/--meta-lr")
+        self.check_finite(plain, it)
         reused = None
         if self.is_weighted:
             beta = self.beta(len(y))
-            if it % cfg.meta_interval == 0:
-                meta_loss, reused = self._advisor_meta_step(x, y, f, beta)
-                sums["meta_loss"] += meta_loss
-                sums["meta_steps"] += 1
+            if self.meta_step_due(it):
+                reused = self.meta_step(lambda meta_x, meta_y, step, momentum, reuse: advisor_meta_gradient(
+                    self.model, self.wnet, self.params, self.buffers, x, y, beta, meta_x, meta_y, step, self.virtual,
+                    momentum_buffers=momentum, gates=self.gates, features=f, keep_graph=not reuse, all_grads=reuse))
             with torch.no_grad():
                 mask, s = advise(self.wnet, None, f, plain)
             loss = advisor_terms(split, head, f, y, mask, s, beta).mean()
             self._track(mask, s)
         else:
             loss = F.cross_entropy(split.logits(head, f), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        if reused is None:
-            loss.backward()
-        else:
-            for name, p in params.items():
-                p.grad = reused[name]
-        self.optimizer.step()
-        self.updates += 1
-        if self.scheduler is not None:
-            self.scheduler.step_update(self.updates)
-        self.teacher.update(self.model)
-        self.last_loss[idx.numpy()] = plain.cpu().numpy()
-        sums["loss"] += float(loss.detach()) * len(y)
-        sums["samples"] += len(y)
-        sums["steps"] += 1
+        self.actual_step(loss, reused, idx, plain)
         return len(y)
 
     def _track(self, mask: torch.Tensor | None, s: torch.Tensor | None) -> None:
@@ -115,28 +97,12 @@ class AdvisorTrainer(MetaTrainer):
         self.sums["s"] += float(s.mean()) if s is not None else 0.0
         self.sums["advised"] += 1
 
-    def _advisor_meta_step(self, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor, beta: torch.Tensor
-                           ) -> tuple[float, dict | None]:
-        cfg = self.cfg
-        meta_x, meta_y = self.meta_batch(self.gen)
-        step, momentum = self.virtual_step(self.params)
-        reuse = cfg.actual_step == "reuse"
-        result = advisor_meta_gradient(self.model, self.wnet, self.params, self.buffers, x, y, beta, meta_x, meta_y,
-                                       step, self.virtual, momentum_buffers=momentum, gates=self.gates,
-                                       features=f, keep_graph=not reuse, all_grads=reuse)
-        self.apply_meta_result(result)
-        return result.meta_loss, (result.train_grads if reuse else None)
-
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
         sums, losses = self.sums, self.last_loss
         advised = sums["advised"]
-        row: dict[str, Any] = {
-            "train_loss": sums["loss"] / max(sums["samples"], 1), "seconds": round(seconds, 3),
-            "lr": self.optimizer.param_groups[0]["lr"], "meta_steps": sums["meta_steps"],
-            "meta_loss": sums["meta_loss"] / sums["meta_steps"] if sums["meta_steps"] else None,
-            "mask_mean": sums["mask"] / advised if advised and "mfrw" in self.parts else None,
-            "mes_s_mean": sums["s"] / advised if advised and "mes" in self.parts else None,
-        }
+        row = {**self.epoch_row(seconds),
+               "mask_mean": sums["mask"] / advised if advised and "mfrw" in self.parts else None,
+               "mes_s_mean": sums["s"] / advised if advised and "mes" in self.parts else None}
         self.last_losses = losses[np.isfinite(losses)]
         self.saved_loss_range = None
         return row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from cmw_transfer.artifact.curves import family_names, plot_curves
 from cmw_transfer.artifact.fileformat import WEIGHTS_NAME
-from cmw_transfer.artifact.net import CMWNet
+from cmw_transfer.artifact.net import CMWNet, loss_range_of
 from cmw_transfer.artifact.scales import fit_families
 from cmw_transfer.atomic import write_json
 from cmw_transfer.dataset import resolve_source
@@ -30,21 +31,21 @@ from cmw_transfer.defaults import __version__
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics import clean_noisy_auc, evaluate
 from cmw_transfer.models import create_model
-from cmw_transfer.trainer.config import MetaTrainConfig, parse_meta_grad, parse_meta_set
-from cmw_transfer.trainer.data import load_source, stack_batch
+from cmw_transfer.trainer.config import MetaTrainConfig, parse_meta_set
+from cmw_transfer.trainer.data import load_source
 from cmw_transfer.trainer.engine.checkpoint import CHECKPOINT_NAME
-from cmw_transfer.trainer.engine.distributed import DistributedContext, resolve_device
+from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.loaders import derive_seed, make_loader
-from cmw_transfer.trainer.engine.loop import Engine, Stage
+from cmw_transfer.trainer.engine.loop import Stage
+from cmw_transfer.trainer.engine.memory import check_model_fits
 from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
 from cmw_transfer.trainer.engine.registry import register_trainer
-from cmw_transfer.trainer.engine.rundir import RunDirectory
-from cmw_transfer.trainer.meta.metasets import gmm_clean_indices, lowest_loss_indices, per_sample_losses
+from cmw_transfer.trainer.meta.metasets import MetaSet
 from cmw_transfer.trainer.meta.metastep import (
-    FamusGates,
+    MetaResult,
     VirtualStep,
     meta_gradient,
-    virtual_names,
+    meta_gradient_mode,
     virtual_step_from_optimizer,
 )
 from cmw_transfer.trainer.meta.objectives import TrainBatch, create_objective
@@ -56,30 +57,25 @@ EXPORT_FILES = (WEIGHTS_NAME, "config.json", "README.md", "curves.png")  # writt
 
 @register_trainer("metatrain")
 class MetaTrainer(Stage):
-    """Stage hooks over a meta-train run; ``resume`` restores the checkpoint at construction (``start_epoch``)."""
+    """The meta-train stage over a biased source (one process): the classifier, the meta-model and its meta step."""
 
     kind = "metatrain"
+    distributed = False
     first_epoch = 1  # metrics.jsonl, the checkpoint and the messages count epochs from 1, as apply does
     legacy_first_epoch = 0  # checkpoints written before they recorded their origin counted from 0 (translated)
     state_keys = ("updates", "model", "wnet", "optimizer", "wnet_optimizer", "teacher", "meta_indices",
                   "loss_range")
 
-    def __init__(self, cfg: MetaTrainConfig, *, resume: bool = False, progress: bool = True,
-                 overwrite: bool = False) -> None:
-        cfg.validate()
-        if resume and overwrite:
-            raise UserError("--resume and --overwrite contradict each other; pick one")
-        RunDirectory(cfg.out, self.kind, resume=resume, overwrite=overwrite).check()  # before any work
-        self.cfg, self.progress = cfg, progress
-        self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
-        self.ctx = DistributedContext(self.device)
+    def __init__(self, cfg: MetaTrainConfig, ctx: DistributedContext) -> None:
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.out, self.progress = Path(cfg.out), cfg.progress
         self.seed, self.batch_size = cfg.seed, cfg.batch_size
         self.log = tuple(cfg.log)
-        self.meta_spec = parse_meta_set(cfg.meta_set)
+        spec = parse_meta_set(cfg.meta_set)
         torch.manual_seed(cfg.seed)
         self.check_memory()  # before any data is loaded
-        self.data = load_source(cfg, self.meta_spec)
+        self.data = load_source(cfg.src, cfg.data_dir, cfg.noise, cfg.imbalance, seed=cfg.seed, meta=spec,
+                                eval_dataset=cfg.eval_dataset)
         train = self.data.train
         self.num_classes = train.num_classes
         self.class_counts = train.class_counts()
@@ -99,40 +95,22 @@ class MetaTrainer(Stage):
         self.optimizer, self.scheduler = self.make_optimizer()
         self.wnet_optimizer = torch.optim.Adam(self.wnet.parameters(), lr=cfg.meta_lr,
                                                weight_decay=cfg.meta_weight_decay)
-        mode, skip = parse_meta_grad(cfg.meta_grad)
-        try:
-            self.virtual = virtual_names(self.model, mode, skip)
-        except ValueError as exc:
-            raise UserError(f"--meta-grad {cfg.meta_grad}: {exc}") from None
-        self.gates = self.gate_optimizer = None
-        if mode == "famus":
-            params = dict(self.model.named_parameters())
-            head = [n for n in self.virtual if n.startswith(self._classifier_prefix())]
-            self.gates = FamusGates({n: params[n].shape for n in self.virtual}, always_on=head,
-                                    target_active=cfg.famus_active).to(self.device)
-            self.gate_optimizer = torch.optim.SGD(self.gates.parameters(), lr=0.1, momentum=0.9)
+        self.virtual, self.gates = meta_gradient_mode(self.model, cfg.meta_grad, cfg.famus_active, self.device)
+        self.gate_optimizer = None if self.gates is None else torch.optim.SGD(self.gates.parameters(), lr=0.1,
+                                                                              momentum=0.9)
         self.teacher = make_teacher(self.model, cfg.ema_decay)
         self.pseudo = PseudoLabelBank(train.targets, self.num_classes, device=self.device) \
             if cfg.method == "cmwnet-sl" else None
-        self.meta_indices = None if self.meta_spec.kind == "clean" else np.arange(0)
-        self.start_epoch = 0
+        self.meta = MetaSet(spec, train, self.data.clean_meta, self.device)
         self.updates = 0
         self.last_losses = np.zeros(0)  # per-sample losses of the last epoch: the artifact's loss range
         self.saved_loss_range: dict[str, float] | None = None
-        self.engine = Engine(self, resume=resume, overwrite=overwrite)
-        if resume:
-            self.start_epoch = self.engine.restore()
 
     def check_memory(self) -> None:
-        """Refuse a meta step that cannot fit (:mod:`cmw_transfer.trainer.engine.memory`): the virtual step keeps the
-        training batch's graph while the meta batch goes forward, so both count."""
-        from cmw_transfer.trainer.engine.memory import check_step_fits, planned_geometry
-
+        """Refuse a meta step that cannot fit: the virtual step keeps the training batch's graph while the meta batch
+        goes forward, so both count."""
         cfg = self.cfg
-        geometry = planned_geometry(cfg.src, None)
-        if geometry is not None:
-            check_step_fits(lambda: create_model(cfg.model, 2, geometry[0]), cfg.model, geometry, cfg.batch_size,
-                            self.device, extra_samples=cfg.meta_batch_size)
+        check_model_fits(cfg.model, cfg.src, cfg.batch_size, self.device, extra_samples=cfg.meta_batch_size)
 
     def build_meta_model(self) -> tuple[Any, Any]:
         """The meta-model (in the ``wnet`` slot) and its objective; a stage extending this one overrides it (the
@@ -154,13 +132,6 @@ class MetaTrainer(Stage):
         """Whether iteration ``it`` of a weighted epoch runs a meta step."""
         return it % self.cfg.meta_interval == 0
 
-    def _classifier_prefix(self) -> str:
-        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
-        for name, module in self.model.named_modules():
-            if module is head:
-                return name
-        return list(dict(self.model.named_parameters()))[-1].rsplit(".", 1)[0]
-
     # -- engine hooks: identity and state -----------------------------------------------------------------------------
     def total_epochs(self) -> int:
         return self.cfg.epochs
@@ -178,7 +149,7 @@ class MetaTrainer(Stage):
             "model": self.model.state_dict(), "wnet": self.wnet.state_dict(),
             "optimizer": self.optimizer.state_dict(), "wnet_optimizer": self.wnet_optimizer.state_dict(),
             "teacher": self.teacher.module.state_dict(),
-            "meta_indices": None if self.meta_indices is None else torch.as_tensor(self.meta_indices),
+            "meta_indices": None if self.meta.indices is None else torch.as_tensor(self.meta.indices),
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
@@ -203,33 +174,9 @@ class MetaTrainer(Stage):
         if self.pseudo is not None:
             self.pseudo.load_state_dict(state["pseudo"])
         if state["meta_indices"] is not None:
-            self.meta_indices = state["meta_indices"].numpy()
+            self.meta.indices = state["meta_indices"].numpy()
         self.updates = int(state["updates"])
         self.saved_loss_range = {str(k): float(v) for k, v in dict(state["loss_range"]).items()}
-
-    # -- meta set ---------------------------------------------------------------------------------------------------
-    def rebuild_meta_set(self, epoch: int) -> None:
-        if self.meta_spec.kind == "clean":
-            return
-        losses = per_sample_losses(self.teacher.module, self.eval_train_loader, self.device, len(self.data.train))
-        if self.meta_spec.kind == "lowest-loss":
-            self.meta_indices = lowest_loss_indices(losses, self.data.train.targets, self.num_classes,
-                                                    self.meta_spec.per_class)
-        else:
-            self.meta_indices = gmm_clean_indices(losses, seed=derive_seed(self.cfg.seed, epoch) % 2**32)
-        if self.meta_indices.size == 0:
-            raise UserError("the meta set came out empty (GMM found no clean component); "
-                            "use --meta-set lowest-loss:N")
-
-    def meta_batch(self, gen: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.meta_spec.kind == "clean":
-            ds, pool = self.data.clean_meta, np.arange(len(self.data.clean_meta))
-        else:
-            ds, pool = self.data.train, self.meta_indices
-        take = gen.choice(pool, size=min(self.cfg.meta_batch_size, pool.size), replace=False)
-        x, y = stack_batch(ds, take)
-        return x.to(self.device), y.to(self.device)
-
 
     # -- engine hooks: the run ----------------------------------------------------------------------------------------
     def start(self, epoch: int) -> None:
@@ -247,8 +194,8 @@ class MetaTrainer(Stage):
 
     def begin_epoch(self, epoch: int) -> str:
         cfg = self.cfg
-        if epoch >= cfg.warmup_epochs and self.meta_spec.rebuilt_each_epoch:
-            self.rebuild_meta_set(epoch)
+        if epoch >= cfg.warmup_epochs and self.meta.spec.rebuilt_each_epoch:
+            self.meta.rebuild(self.teacher.module, self.eval_train_loader, derive_seed(cfg.seed, epoch) % 2**32)
         self.model.train()
         self.is_weighted = epoch >= cfg.warmup_epochs
         n = len(self.data.train)
@@ -269,22 +216,19 @@ class MetaTrainer(Stage):
         return self.wnet(loss, family)
 
     def train_step(self, it: int, batch: Any) -> int:
-        weighted, sums, params = self.is_weighted, self.sums, self.params
         x, y, idx = batch
         x, y = x.to(self.device), y.to(self.device)
-        batch = self._train_batch(x, y, idx, self.gen, mix=weighted)
+        batch = self._train_batch(x, y, idx, self.gen, mix=self.is_weighted)
         logits = self.model(batch.x)
         terms = self.objective.terms(logits, batch)
-        if not torch.isfinite(terms).all():
-            raise UserError(f"non-finite training loss at epoch {self.epoch_label()}, iteration {it}: the run "
-                            f"diverged; the last checkpoint ({self.out / CHECKPOINT_NAME}) is intact; lower "
-                            "--lr/--meta-lr")
+        self.check_finite(terms, it)
         reused = None
-        if weighted and self.meta_step_due(it):
-            meta_loss, reused = self._meta_step(batch, logits, terms, params, self.buffers, self.gen)
-            sums["meta_loss"] += meta_loss
-            sums["meta_steps"] += 1
-        if weighted:
+        if self.is_weighted and self.meta_step_due(it):
+            reused = self.meta_step(lambda meta_x, meta_y, step, momentum, reuse: meta_gradient(
+                self.model, self.wnet, self.params, self.buffers, batch, meta_x, meta_y, self.objective, step,
+                self.virtual, momentum_buffers=momentum, gates=self.gates, train_out=(logits, terms),
+                keep_graph=not reuse))
+        if self.is_weighted:
             with torch.no_grad():
                 coeff = self.objective.coefficients(self.weight_fn, terms.detach(), batch)
                 w = self.objective.weights(self.weight_fn, terms.detach(), batch)
@@ -293,29 +237,54 @@ class MetaTrainer(Stage):
         else:
             loss = F.cross_entropy(logits, y)
             w_first = np.ones(len(y))
+        self.actual_step(loss, reused, idx, terms[:, 0], w_first)
+        return len(y)
+
+    def check_finite(self, losses: torch.Tensor, it: int) -> None:
+        """A diverged run stops here, its last checkpoint intact."""
+        if not torch.isfinite(losses).all():
+            raise UserError(f"non-finite training loss at epoch {self.epoch_label()}, iteration {it}: the run "
+                            f"diverged; the last checkpoint ({self.out / CHECKPOINT_NAME}) is intact; lower "
+                            "--lr/--meta-lr")
+
+    def meta_step(self, gradient: Callable[..., MetaResult]) -> dict[str, torch.Tensor] | None:
+        """One meta step: ``gradient(meta_x, meta_y, step, momentum_buffers, reuse)`` on a meta batch, the meta-model
+        (and FaMUS's gates) updated; returns the training gradient the actual step reuses (``--actual-step reuse``)."""
+        meta_x, meta_y = self.meta.batch(self.gen, self.cfg.meta_batch_size)
+        step, momentum = self.virtual_step(self.params)
+        reuse = self.cfg.actual_step == "reuse"
+        result = gradient(meta_x, meta_y, step, momentum, reuse)
+        self.apply_meta_result(result)
+        self.sums["meta_loss"] += result.meta_loss
+        self.sums["meta_steps"] += 1
+        return result.train_grads if reuse else None
+
+    def actual_step(self, loss: torch.Tensor, reused: dict[str, torch.Tensor] | None, idx: torch.Tensor,
+                    losses: torch.Tensor, weights: np.ndarray | None = None) -> None:
+        """The real step (the gradient the meta step computed at the net it started from, else a backward of
+        ``loss``), the schedule, the teacher, and the epoch's records of the batch's losses (and weights)."""
         self.optimizer.zero_grad(set_to_none=True)
         if reused is None:
             loss.backward()
-        else:  # the meta step already backpropagated this batch at the net it started from
-            for name, p in params.items():
+        else:
+            for name, p in self.params.items():
                 p.grad = reused[name]
         self.optimizer.step()
         self.updates += 1
         if self.scheduler is not None:
             self.scheduler.step_update(self.updates)
         self.teacher.update(self.model)
-        idx_np = idx.numpy()
-        self.last_weight[idx_np] = w_first
-        self.last_loss[idx_np] = terms[:, 0].detach().cpu().numpy()
-        sums["loss"] += float(loss.detach()) * len(y)
-        sums["samples"] += len(y)
-        sums["steps"] += 1
-        return len(y)
+        rows = idx.numpy()
+        if weights is not None:
+            self.last_weight[rows] = weights
+        self.last_loss[rows] = losses.detach().cpu().numpy()
+        self.sums["loss"] += float(loss.detach()) * len(rows)
+        self.sums["samples"] += len(rows)
+        self.sums["steps"] += 1
 
     def epoch_label(self) -> int:
         """The epoch being trained, counted from 1 (as in metrics.jsonl)."""
         return int(self.updates // max(len(self.loader), 1)) + self.first_epoch
-
 
     def _train_batch(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: np.random.Generator,
                      mix: bool) -> TrainBatch:
@@ -327,18 +296,6 @@ class MetaTrainer(Stage):
             return TrainBatch(x, y, self.family_of_class, pseudo=pseudo)
         lam, perm = sample_mixup(len(y), self.cfg.mixup_alpha, gen, self.device)
         return TrainBatch(mix_inputs(x, lam, perm), y, self.family_of_class, pseudo=pseudo, lam=lam, perm=perm)
-
-    def _meta_step(self, batch: TrainBatch, logits: torch.Tensor, terms: torch.Tensor, params: dict,
-                   buffers: dict, gen: np.random.Generator) -> tuple[float, dict | None]:
-        cfg = self.cfg
-        meta_x, meta_y = self.meta_batch(gen)
-        step, momentum = self.virtual_step(params)
-        reuse = cfg.actual_step == "reuse"
-        result = meta_gradient(self.model, self.wnet, params, buffers, batch, meta_x, meta_y, self.objective, step,
-                               self.virtual, momentum_buffers=momentum, gates=self.gates, train_out=(logits, terms),
-                               keep_graph=not reuse)
-        self.apply_meta_result(result)
-        return result.meta_loss, (result.train_grads if reuse else None)
 
     def virtual_step(self, params: dict) -> tuple[Any, dict | None]:
         """The virtual step and its momentum buffers: plain SGD at the current lr, or the real optimizer mirrored."""
@@ -359,15 +316,11 @@ class MetaTrainer(Stage):
             self.gate_optimizer.step()
 
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
-        sums, weights, losses = self.sums, self.last_weight, self.last_loss
+        weights, losses = self.last_weight, self.last_loss
         train = self.data.train
         fam = self.family_of_class.cpu().numpy()[train.targets]
         seen = ~np.isnan(weights)
-        row: dict[str, Any] = {
-            "train_loss": sums["loss"] / max(sums["samples"], 1), "seconds": round(seconds, 3),
-            "lr": self.optimizer.param_groups[0]["lr"], "meta_steps": sums["meta_steps"],
-            "meta_loss": sums["meta_loss"] / sums["meta_steps"] if sums["meta_steps"] else None,
-        }
+        row = self.epoch_row(seconds)
         for k, name in enumerate(family_names(self.cfg.families)):
             mask = seen & (fam == k)
             row[f"weight_{name}"] = float(weights[mask].mean()) if mask.any() else None
@@ -377,6 +330,13 @@ class MetaTrainer(Stage):
         self.last_losses = losses[seen & np.isfinite(losses)]
         self.saved_loss_range = None
         return row
+
+    def epoch_row(self, seconds: float) -> dict[str, Any]:
+        """What every meta-train stage logs per epoch: loss, time, lr, meta steps and meta loss."""
+        sums = self.sums
+        return {"train_loss": sums["loss"] / max(sums["samples"], 1), "seconds": round(seconds, 3),
+                "lr": self.optimizer.param_groups[0]["lr"], "meta_steps": sums["meta_steps"],
+                "meta_loss": sums["meta_loss"] / sums["meta_steps"] if sums["meta_steps"] else None}
 
     def evaluate(self, epoch: int, last: bool) -> dict[str, Any]:
         if self.test_loader is None:
@@ -393,14 +353,9 @@ class MetaTrainer(Stage):
     def loss_range(self) -> dict[str, float]:
         if self.last_losses.size == 0 and self.saved_loss_range is not None:  # restored: no epoch ran since
             return dict(self.saved_loss_range)
-        losses = self.last_losses
-        q = np.quantile(losses, [0.0, 0.01, 0.5, 0.99, 1.0]) if losses.size else np.zeros(5)
-        return dict(zip(("min", "p1", "p50", "p99", "max"), (round(float(v), 6) for v in q)))
+        return loss_range_of(self.last_losses)
 
     # -- the run and the export ---------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        return self.engine.run()
-
     def finish(self, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         if not any(row.get("meta_steps") for row in rows):
             warnings.warn(f"the exported net never had a meta step (--warmup-epochs {self.cfg.warmup_epochs} >= "
@@ -409,16 +364,17 @@ class MetaTrainer(Stage):
         return {"out": str(self.out), "final": rows[-1] if rows else {}, "centers": net.centers,
                 "loss_range": net.loss_range}
 
+    def provenance(self, **extra: Any) -> dict[str, Any]:
+        """Where an exported net comes from: the source and its bias, the method's settings, the toolkit version."""
+        cfg = self.cfg
+        return {"source": cfg.src, "bias": str(resolve_source(cfg.src, cfg.noise, cfg.imbalance)[1]) or "none",
+                "method": cfg.method, "backbone": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
+                "meta_set": cfg.meta_set, "meta_grad": cfg.meta_grad, "toolkit_version": __version__, **extra}
+
     def export(self) -> CMWNet:
         cfg = self.cfg
-        provenance = {
-            "source": cfg.src, "bias": str(resolve_source(cfg.src, cfg.noise, cfg.imbalance)[1]) or "none",
-            "method": cfg.method, "backbone": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
-            "meta_set": cfg.meta_set, "meta_grad": cfg.meta_grad, "toolkit_version": __version__,
-            "source_labels_digest": self.data.train.labels_digest(),
-        }
         net = self.wnet.cpu().with_scales(self.centers.tolist(), self.loss_range())
-        net.provenance = provenance
+        net.provenance = self.provenance(source_labels_digest=self.data.train.labels_digest())
         net.save_pretrained(self.out)
         plot_curves(net, self.out / "curves.png", title=f"{cfg.method} on {cfg.src}")
         self.wnet.to(self.device)
