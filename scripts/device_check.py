@@ -287,7 +287,8 @@ def memory_item(model_name: str, batch: int, size: int, device: str) -> dict[str
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
     ratio = measured / estimate
-    return {"status": "pass" if 1.0 <= ratio <= 2.0 else "fail", "value": round(ratio, 3), "target": "1 <= x <= 2",
+    ok = 1.0 <= ratio <= 2.0 and checked == est  # and the check's CUDA branch ran (mem_get_info) and agreed
+    return {"status": "pass" if ok else "fail", "value": round(ratio, 3), "target": "1 <= x <= 2",
             "estimate_bytes": estimate, "measured_bytes": measured, "cuda_branch_estimate_matches": checked == est,
             "detail": f"{model_name}, batch {batch}, {size}x{size}: measured / estimate"}
 

@@ -171,7 +171,8 @@ def apply_epoch(model_name: str, data, device: str, batch: int, amp_dtype: torch
         losses.append(float(stepper(x[idx], y[idx], idx, True)))
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     return {"mean_loss": float(np.mean(losses)), "first_loss": losses[0],
-            "finite": bool(finite and np.isfinite(losses).all())}
+            "finite": bool(finite and np.isfinite(losses).all()),
+            "loss_scale": None if grad_scaler is None else float(grad_scaler.get_scale())}  # halved per skipped step
 
 
 def apply_epoch_vs_float32(model_name: str, data, device: str, batch: int, mode: str) -> dict[str, Any]:
@@ -185,7 +186,8 @@ def apply_epoch_vs_float32(model_name: str, data, device: str, batch: int, mode:
     rel = abs(got["mean_loss"] - ref["mean_loss"]) / abs(ref["mean_loss"])
     tol = CHANNELS_LAST_RTOL if mode == "channels-last" else AMP_LOSS_RTOL
     out = _verdict(rel if got["finite"] else float("inf"), tol, mean_loss=got["mean_loss"],
-                   mean_loss_fp32=ref["mean_loss"], first_loss=got["first_loss"], first_loss_fp32=ref["first_loss"])
+                   mean_loss_fp32=ref["mean_loss"], first_loss=got["first_loss"], first_loss_fp32=ref["first_loss"],
+                   loss_scale=got["loss_scale"])
     out["detail"] = "relative difference of the epoch's mean training loss; weights and losses finite"
     return out
 
