@@ -351,7 +351,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    gc.freeze()  # the imports' objects out of the per-mode gc.collect (which then costs ms, not most of a second)
     try:
         check_checkouts(args.official_mwn, args.official_cmwn)  # before any work: a wrong path is the user's error
         if args.memory_probe:
@@ -374,4 +373,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imports' objects out of the per-mode gc.collect (then ms, not most of a second)
     main()
