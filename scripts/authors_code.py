@@ -12,18 +12,21 @@ What is patched, and why (the least that lets their files run here, all undone a
 
 * importing ``MW-Net.py`` runs its top level: ``sys.argv`` is set for its ``parse_args()``; its data module
   ``load_corrupted_data`` is replaced in ``sys.modules`` by one whose ``CIFAR10`` / ``CIFAR100`` hold no data (the
-  module-level ``build_dataset()`` would download CIFAR; ``train()`` gets our loader instead); its prints go to
-  /dev/null. Their ``resnet`` module is imported from the checkout and taken out of ``sys.modules`` again;
+  module-level ``build_dataset()`` would download CIFAR; ``train()`` gets our loader instead); its prints are
+  swallowed; the global RNG state it seeds is restored. Their ``resnet`` module is imported from the checkout and
+  taken out of ``sys.modules`` again (CMW-Net's file of the same name is loaded under another name);
 * their code hard-codes CUDA (``build_model().cuda()``, ``VNet(...).cuda()``, ``torch.tensor([]).cuda()`` in
   ``ACVNet``'s head loop, ``device = torch.device("cuda")``): on any other device :func:`cuda_calls_to` makes
   ``Module.cuda`` / ``Tensor.cuda`` move to that device while their code runs, and the module global ``device`` is
   set to it. On a CUDA device nothing is patched;
-* ``train()``'s per-epoch print goes to /dev/null.
+* ``train()``'s per-epoch print is swallowed; for a float64 check the default dtype is float64 while their code
+  runs (their ``build_model()`` and ``Meta*`` layers create tensors in the default dtype).
 
-Their ``model``, ``vnet``, ``optimizer_model`` and ``optimizer_vnet`` are the module globals ``MW-Net.py`` builds
-(``ResNet32`` option A, ``SGD(lr 0.1, momentum 0.9, wd 5e-4)``, ``Adam(1e-3, wd 1e-4)``); with ACVNet, the
-optimizer is built as ``mwn.py`` builds it. :func:`copy_classifier` / :func:`copy_weighting_net` give them the
-project's weights, so both sides start from the same function.
+The model and optimizers ``train()`` gets are built as ``MW-Net.py``'s top level builds them (``build_model()``:
+their option-A ``ResNet32``; ``SGD(model.params(), args.lr, momentum, weight_decay)``; ``VNet(1, 100, 1)`` and
+``Adam(vnet.params(), 1e-3, weight_decay=1e-4)``), with ``ACVNet`` as ``mwn.py`` builds it; the module global
+``model`` is set to ours. :func:`copy_classifier` / :func:`copy_weighting_net` give them the project's weights, so
+both sides start from the same function.
 """
 
 from __future__ import annotations
