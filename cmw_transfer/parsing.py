@@ -173,5 +173,5 @@ def parse_named_specs(items: Iterable[Any], what: str, example: str) -> tuple[st
                             f"{example})")
         names.append(name)
         out.append(str(item))
-    check_sequence(names, f"{what} (names)")
+    check_sequence(names, what)
     return tuple(out)
