@@ -196,6 +196,8 @@ CATALOGUE: tuple[Case, ...] = (
     Case("probe--batch-size=2^40", (*_PROBE, "--batch-size", str(2**40)), match="'--batch-size'", item="22.5"),
     Case("probe-curves-exceed-free-disk", (*_PROBE[:-1], "{small}/probe", "--epochs", "100"),
          match="lower --epochs or free space", needs="tmpfs", item="22.5"),
+    Case("probe-step-cannot-fit", (*_PROBE[:2], "list:{ws}/lists/odd_sizes.txt", *_PROBE[3:], "--model", "resnet50",
+                                   "--batch-size", "65536"), match="one training step of resnet50", item="22.5"),
     Case("import--calibrate-img-size=0", (*_IMPORT, "--calibrate-on", "digits", "--calibrate-img-size", "0"),
          match="'--calibrate-img-size'", fast=True, item="22.5"),
     Case("import--calibrate-epochs=0", (*_IMPORT, "--calibrate-on", "digits", "--calibrate-epochs", "0"),

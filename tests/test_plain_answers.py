@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from cmw_transfer.artifact.scales import DegenerateScalesWarning, fit_families
-from cmw_transfer.config_diff import changed_options, mismatch_message
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import ApplyConfig
 from tests.helpers import call_main
@@ -56,6 +55,8 @@ def test_probe_resume_names_the_changed_options(tmp_path, capsys):
 
 
 def test_mismatch_falls_back_to_the_fingerprints_without_a_saved_configuration(tmp_path):
+    from cmw_transfer.config_diff import changed_options, mismatch_message
+
     old = ApplyConfig(dataset="digits", out=str(tmp_path), lr=0.1, open_classes=(9,), trainer="oltr")
     new = ApplyConfig(dataset="digits", out=str(tmp_path), lr=0.2, open_classes=(8, 9), trainer="oltr", workers=7)
     assert changed_options(old.to_dict(), new) == ["--lr 0.1 -> 0.2", "--open-classes 9 -> 8,9"]  # not --workers

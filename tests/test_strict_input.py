@@ -15,7 +15,6 @@ import pytest
 
 from cmw_transfer.cli import options as opt
 from cmw_transfer.errors import UserError
-from cmw_transfer.parsing import ascii_float, ascii_int, parse_int_list, parse_name_list
 from tests.helpers import call_main
 
 APPLY = ["apply", "--dataset", "digits", "--weighting", "none", "--model", "small_cnn", "--epochs", "2",
@@ -24,6 +23,10 @@ META = ["metatrain", "--src", "digits-pmd", "--device", "cpu", "--workers", "0",
 PROBE = ["probe", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--quiet"]
 # every character Python's int() takes for a digit that is not one of 0-9 (Arabic-Indic, Devanagari, fullwidth...)
 FOREIGN_DIGITS = [chr(c) for c in range(0x110000) if chr(c).isdecimal() and chr(c) not in string.digits]
+
+
+def _case_id(value: object) -> str:
+    return " ".join(value) if isinstance(value, list) else str(value)
 
 
 def one_error_line(err: str) -> str:
@@ -60,6 +63,8 @@ def refused(capsys, tmp_path, args: list[str]) -> str:
 
 # -- the parsers --------------------------------------------------------------------------------------------------
 def test_no_digit_of_another_script_is_a_number():
+    from cmw_transfer.parsing import ascii_float, ascii_int
+
     assert len(FOREIGN_DIGITS) > 500 and int(FOREIGN_DIGITS[0]) == 0  # what Python's int() would have taken
     for char in FOREIGN_DIGITS:
         for text in (char, f"1{char}", f"0.{char}"):
@@ -74,11 +79,15 @@ def test_no_digit_of_another_script_is_a_number():
 
 @pytest.mark.parametrize("text", ["nan", "-inf", "1e400", "1e-320", "-4e-39", "1_0.5", "٠.٤", "0x1p-3", ".", "e5"])
 def test_ascii_float_refuses_what_float_would_take_or_float32_cannot_hold(text):
+    from cmw_transfer.parsing import ascii_float
+
     with pytest.raises(UserError):
         ascii_float(text, "--x")
 
 
 def test_int_lists_round_trip_and_refuse_rather_than_repair():
+    from cmw_transfer.parsing import parse_int_list, parse_name_list
+
     rng = random.Random(0)
     for _ in range(300):
         values = sorted(rng.sample(range(10_000), rng.randint(1, 8)))
@@ -111,7 +120,7 @@ def test_int_lists_round_trip_and_refuse_rather_than_repair():
     (["--imbalance", "nan"], "--imbalance"), (["--batch-size", str(2**40)], "--batch-size"),
     (["--device", "meta"], "--device"), (["--workers", "1000000"], "--workers"), (["--threads", "100000"],
     "--threads"), (["--log", ""], "--log"),
-], ids=" ".join)
+], ids=_case_id)
 def test_probe_options_are_typed_and_bounded(capsys, tmp_path, no_work, args, needle):
     assert needle in refused(capsys, tmp_path, [*PROBE, *args])
 
@@ -132,11 +141,19 @@ def test_probe_refuses_curves_larger_than_the_free_disk_before_building_anything
     assert not (tmp_path / "p" / probe_mod.LOSSES_NAME).exists()
 
 
+def test_probe_refuses_a_step_that_cannot_fit_before_reading_the_list(capsys, tmp_path):
+    (tmp_path / "train.txt").write_text("".join(f"{c}/{i}.png {c}\n" for c in range(2) for i in range(3)))  # no images
+    code, _, err = call_main(["probe", "--dataset", f"list:{tmp_path / 'train.txt'}", "--model", "resnet50",
+                              "--batch-size", "65536", "--device", "cpu", "--out", str(tmp_path / "p")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "one training step of resnet50 at 3x224x224 with 65536 samples" in line, line
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--calibrate-img-size", "0"], "--calibrate-img-size"), (["--calibrate-img-size", "-3"], "--calibrate-img-size"),
     (["--calibrate-epochs", "0"], "--calibrate-epochs"), (["--calibrate-epochs", "٣"], "--calibrate-epochs"),
     (["--device", "meta"], "--device"),
-], ids=" ".join)
+], ids=_case_id)
 def test_import_calibration_options_are_bounded(capsys, tmp_path, args, needle):
     code, _, err = call_main(["import", "--from", "official-cmwnet", str(tmp_path / "vnet.pth"), "--out",
                               str(tmp_path / "o"), "--calibrate-on", "digits", *args], capsys)
@@ -227,7 +244,7 @@ def test_every_numeric_option_of_every_command_takes_ascii_digits_only(capsys, t
     (["--extra-eval", "ilsvrc12"], "NAME=SPEC"), (["--extra-eval", "a=digits", "--extra-eval", "a=digits"], "twice"),
     (["--log", ""], "names nothing"), (["--log", "csv,"], "item 2 is empty"), (["--log", "csv,csv"], "twice"),
     (["--device", "cuda:٠"], "not a device"), (["--lr", "1e-320"], "too small"), (["--lr", "1e-13"], "1e-12"),
-], ids=" ".join)
+], ids=_case_id)
 def test_apply_refuses_malformed_values(capsys, tmp_path, no_work, monkeypatch, args, needle):
     import cmw_transfer.trainer.apply as apply_mod
 
@@ -246,7 +263,7 @@ def test_apply_refuses_malformed_values(capsys, tmp_path, no_work, monkeypatch, 
     (["--meta-set", "clean:²"], "clean:N"), (["--meta-set", "clean:٣"], "clean:N"),
     (["--meta-grad", "skip:٣"], "skip:N"), (["--meta-lr", "1e-320"], "--meta-lr"), (["--log", ","], "--log"),
     (["--hidden-size", "٨"], "--hidden-size"),
-], ids=" ".join)
+], ids=_case_id)
 def test_metatrain_refuses_malformed_values(capsys, tmp_path, no_work, monkeypatch, args, needle):
     import cmw_transfer.cli.metatrain_cmd as cmd
     from cmw_transfer.dataset import resolve_source
@@ -264,7 +281,17 @@ def test_metatrain_refuses_malformed_values(capsys, tmp_path, no_work, monkeypat
 @pytest.mark.parametrize("args, needle", [
     (["--noise", "sym:٠.٤"], "digits 0-9"), (["--families", "٣"], "--families"), (["--seed", "٧"], "--seed"),
     (["--imbalance", "١٠"], "--imbalance"),
-], ids=" ".join)
+], ids=_case_id)
 def test_data_refuses_foreign_digits(capsys, args, needle):
     code, _, err = call_main(["data", "--dataset", "digits", *args], capsys)
+    assert code == 2 and needle in one_error_line(err)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--repo", "org/name\n"], "--repo must look like org/name"), (["--repo", "org/na me"], "--repo"),
+    (["--repo", "org/name", "--revision", "main\n"], "--revision"),
+    (["--repo", "org/name", "--revision", "../other"], "--revision"),
+], ids=_case_id)
+def test_push_refuses_a_repo_or_revision_that_is_not_one(capsys, tmp_path, args, needle):
+    code, _, err = call_main(["push", "--weights", str(tmp_path), *args], capsys)
     assert code == 2 and needle in one_error_line(err)

@@ -83,7 +83,7 @@ def push_to_hub(model: CMWNet, repo_id: str, *, token: str | None = None, branch
                 allow_patterns: list[str] | str | None = None, **kwargs: Any) -> str:
     """The mixin's ``push_to_hub`` (create the repo, save into a temporary folder, upload it), with the token and
     offline mode checked before any network call and the Hub's failures said in one line."""
-    if not REPO_ID_PATTERN.match(str(repo_id)):
+    if not REPO_ID_PATTERN.fullmatch(str(repo_id)):
         raise UserError(f"repo_id must look like org/name, got '{repo_id}'")
     check_can_push(repo_id, token)
     with hub_errors_as_user_errors(WeightsSpec("hub", repo_id, branch), action="push to"):
@@ -119,7 +119,7 @@ def from_pretrained(cls: type[CMWNet], spec: str | os.PathLike | WeightsSpec, *,
         model = fileformat.load_net(cls, pretrained_path(parsed.target))
     else:
         path = Path(parsed.target)
-        if not path.exists() and not isinstance(spec, os.PathLike) and REPO_ID_PATTERN.match(parsed.target):
+        if not path.exists() and not isinstance(spec, os.PathLike) and REPO_ID_PATTERN.fullmatch(parsed.target):
             # a bare repo id, as every PyTorchModelHubMixin class reads it (a local path of that name wins)
             model = from_hub(cls, parsed.target, revision=revision, label=f"{parsed.target} (no such local path; "
                              "as a Hub repo id)", **hub)

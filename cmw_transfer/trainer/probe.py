@@ -301,6 +301,13 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     RunDirectory(cfg.out, ProbeTrainer.kind, resume=cfg.resume, overwrite=cfg.overwrite).check()
     ctx = DistributedContext.from_env(cfg.device)
     try:
+        from cmw_transfer.models import create_model
+        from cmw_transfer.trainer.memory import check_step_fits, planned_geometry
+
+        geometry = planned_geometry(cfg.dataset, None)  # file datasets: timm's size; a step that cannot fit is refused
+        if geometry is not None:
+            check_step_fits(lambda: create_model(cfg.model, 2, geometry[0]), cfg.model, geometry, cfg.batch_size,
+                            ctx.device)
         stage = ProbeTrainer(cfg, ctx)
         return Engine(stage, resume=cfg.resume, overwrite=cfg.overwrite).run()
     finally:
