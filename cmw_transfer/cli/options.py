@@ -36,7 +36,7 @@ MAX_CLASS_INDEX = 999_999  # the largest label a list: dataset may have (dataset
 # below this a step changes no float32 weight (lr x gradient under float32's relative precision of ~1e-7 for any
 # gradient < 1e5): a typo (1e-320, 1e-30), not a learning rate
 MIN_LR = 1e-12
-WORKERS_PER_CPU = 4  # loader workers beyond this many per CPU cannot run; torch already warns above one per CPU
+WORKERS_PER_CPU = 4  # more loader workers per CPU only wait for each other (torch already warns above one per CPU)
 FILES_PER_WORKER = 16  # descriptors a persistent worker holds in the parent (~5, measured) x train/eval loaders
 
 
@@ -212,15 +212,15 @@ class IntListType(click.ParamType):
 
 def check_file_values(values: dict[str, object], ctx: click.Context, path: str) -> dict[str, object]:
     """``values`` (from ``--config path``) with each one converted by the option of the same name: a number out
-    of range, a subnormal lr or ``"3"`` for an epoch count is the option's own error, naming the file."""
+    of range, a subnormal lr, ``2.5`` or ``true`` for an epoch count is the option's own error, naming the file."""
     params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and not p.is_flag}
     out = dict(values)
     for name, value in values.items():
         param = params.get(name)
         if param is None or value is None or param.multiple or isinstance(param.type, click.types.StringParamType):
             continue
-        if isinstance(value, (list, tuple)) and (not value or not isinstance(param.type, (IntListType, LoggersType))):
-            continue
+        if isinstance(value, (list, tuple)) and not value and isinstance(param.type, (IntListType, LoggersType)):
+            continue  # an empty list: the option's "none"
         try:
             out[name] = param.type.convert(tuple(value) if isinstance(value, list) else value, param, ctx)
         except click.BadParameter as exc:
