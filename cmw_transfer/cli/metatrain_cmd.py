@@ -81,7 +81,7 @@ def _apply_options(command):
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's run.json; options given on the "
                    "command line override it.")
 @opt.log_option(default=None)
-@click.option("--threads", type=opt.bounded_int(1, 1024), default=None,
+@click.option("--threads", type=opt.THREADS, default=None,
               help="torch threads.  [default: OMP_NUM_THREADS, else the CPUs of this process]")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object (the only output "
@@ -116,8 +116,10 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     values.update(recipe_for(src))
     if config_cls is not MetaTrainConfig:
         values.update(CURVENET_RECIPE, method="curvenet")
-    from_file = config_cls.from_file(config_file).to_dict() if config_file else {}
     given = {k: v for k, v in options.items() if v is not None}
+    from_file = config_cls.from_file(config_file).to_dict() if config_file else {}
+    from_file = opt.check_file_values({k: v for k, v in from_file.items() if k not in given},
+                                      click.get_current_context(), str(config_file))
     method = given.get("method", from_file.get("method", values["method"]))
     values.update(METHOD_DEFAULTS.get(method, {}))
     values.update(from_file)

@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from cmw_transfer.eql import equalized_cross_entropy
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import parse_name_list
 from cmw_transfer.trainer.dual_forward import FusedTangents
 from cmw_transfer.trainer.metastep import FamusGates, MetaResult, StepSpec, _gate_gradients, virtual_weights
 
@@ -50,11 +51,9 @@ EMBED = 100  # the paper's embedding size per input
 
 
 def parse_advisor(spec: str | Iterable[str]) -> tuple[str, ...]:
-    """``"mfrw,mes"`` -> ("mfrw", "mes"); at least one part, no unknown ones."""
-    parts = [p.strip().lower() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    bad = [p for p in parts if p not in ADVISOR_PARTS]
-    if bad or not parts:
-        raise UserError(f"--advisor must list mfrw and/or mes (e.g. mfrw,mes), got '{spec}'")
+    """``"mfrw,mes"`` -> ("mfrw", "mes"); at least one part, each once, no unknown or empty one
+    (:func:`cmw_transfer.parsing.parse_name_list`)."""
+    parts = parse_name_list(spec, "--advisor", choices=ADVISOR_PARTS)
     return tuple(p for p in ADVISOR_PARTS if p in parts)
 
 

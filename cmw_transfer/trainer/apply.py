@@ -210,7 +210,7 @@ def run_apply(cfg: ApplyConfig) -> dict[str, Any]:
         warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} covers every epoch (--epochs {cfg.epochs}): the run is "
                       f"plain cross-entropy and the {cfg.weighting} weighting is never applied", stacklevel=2)
     # a checkpoint of another configuration is refused before any data or model is loaded
-    state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint()) if cfg.resume else None
+    state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint(), cfg) if cfg.resume else None
     ctx = DistributedContext.from_env(cfg.device)
     try:
         check_memory(cfg, ctx.device)  # before any data is loaded

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import check_int_sequence, parse_name_list, parse_named_specs
 from cmw_transfer.trainer.defaults import MIXUP_ALPHA, TEACHER_DECAY
 
 # torch-free on purpose: the CLI builds its option tables from this module, so `--help` never imports torch.
@@ -36,16 +37,11 @@ TENSORBOARD_HINT = "pip install 'cmw-transfer[tensorboard]'"
 
 
 def parse_loggers(value: Any) -> tuple[str, ...]:
-    """``"tensorboard,csv"`` (or a list of names) -> ``("csv", "tensorboard")``; an unknown name is a UserError."""
-    if value is None:
+    """``"tensorboard,csv"`` (or a list of names) -> ``("csv", "tensorboard")``; None or an empty list: no logger.
+    An unknown, empty or repeated name (``""``, ``"csv,"``) is a UserError (:mod:`cmw_transfer.parsing`)."""
+    if value is None or (not isinstance(value, str) and not list(value)):
         return ()
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    names = {str(p).strip().lower() for p in parts} - {""}
-    unknown = sorted(names - set(LOGGERS))
-    if unknown:
-        raise UserError(f"--log: unknown logger(s) {', '.join(unknown)}; choose from {', '.join(LOGGERS)} "
-                        "(comma-separated)")
-    return tuple(sorted(names))
+    return parse_name_list(value, "--log", choices=LOGGERS)
 
 
 def check_loggers(log: Any) -> tuple[str, ...]:
@@ -286,10 +282,20 @@ class ApplyConfig(StageConfig):
             raise UserError(f"--open-threshold must be > 0 (a reachability), got {self.open_threshold}")
         if not 0.0 < self.open_accept <= 1.0:
             raise UserError(f"--open-accept must be in (0, 1], got {self.open_accept}")
+        self._validate_lists()
         if self.open_dataset and self.open_classes:
             raise UserError("--open-dataset and --open-classes both define the open set; pick one")
         if self.trainer == "oltr":
             self._validate_oltr()
+
+    def _validate_lists(self) -> None:
+        """The list options (also from a config file): increasing, no repeats, inside the run."""
+        check_int_sequence(self.open_classes, "--open-classes", low=0, ascending=True)
+        check_int_sequence(self.decay_milestones, "--decay-milestones", low=1, high=max(self.stage_epochs()),
+                           ascending=True, high_note="the last epoch of a stage: a later one never takes effect")
+        if self.decay_milestones and self.sched != "multistep":
+            raise UserError(f"--decay-milestones only apply to --sched multistep (this run uses {self.sched})")
+        self.extra_eval = parse_named_specs(self.extra_eval, "--extra-eval", "ilsvrc12=list:/data/imagenet/val.txt")
 
     def _validate_oltr(self) -> None:
         if self.soft_labels:

@@ -19,6 +19,7 @@ import torch
 from cmw_transfer.bias.apply import apply_bias
 from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
 from cmw_transfer.dataset.classes import warn_empty_classes
+from cmw_transfer.dataset.registry import check_source_exists
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
 from cmw_transfer.trainer.metasets import MetaSetSpec, check_class_sizes
@@ -110,6 +111,7 @@ class SourceData:
 
 def load_source(cfg: MetaTrainConfig, spec: MetaSetSpec) -> SourceData:
     base, bias = resolve_source(cfg.src, cfg.noise, cfg.imbalance)
+    check_source_exists(base)  # a missing list file is "not found", not "has no test split"
     if base.startswith(FILE_SOURCES) and not cfg.eval_dataset:
         raise UserError(f"--src {cfg.src} has no built-in test split (metatrain would evaluate on its own training "
                         "files): add --eval-dataset list:VAL.txt or --eval-dataset folder:VAL_DIR")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +28,12 @@ class MetaSetSpec:
 
 
 def parse_meta_set(text: str) -> MetaSetSpec:
-    kind, _, count = text.partition(":")
-    if kind == "gmm" and not count:
+    kind, sep, count = str(text).partition(":")
+    if kind == "gmm" and not sep:
         return MetaSetSpec("gmm")
-    if kind in ("clean", "lowest-loss") and count.isdigit() and int(count) > 0:
+    if kind in ("clean", "lowest-loss") and re.fullmatch("[0-9]{1,9}", count) and int(count) > 0:  # ASCII digits
         return MetaSetSpec(kind, int(count))
-    raise UserError(f"--meta-set must be clean:N, lowest-loss:N or gmm (N > 0), got '{text}'")
+    raise UserError(f"--meta-set must be clean:N, lowest-loss:N or gmm (N > 0, digits 0-9), got {text!r}")
 
 
 def check_class_sizes(counts: np.ndarray, per_class: int, what: str) -> None:

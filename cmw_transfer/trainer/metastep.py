@@ -21,6 +21,7 @@ BatchNorm running statistics are never touched by the virtual or meta passes (th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -133,9 +134,9 @@ def parse_meta_grad(spec: str) -> tuple[str, int]:
     """``exact`` -> ("exact", 0); ``skip:N`` -> ("skip", N); ``famus`` -> ("famus", 0)."""
     if spec in ("exact", "famus"):
         return spec, 0
-    if spec.startswith("skip:") and spec[5:].isdigit():
+    if spec.startswith("skip:") and re.fullmatch("[0-9]{1,4}", spec[5:]):  # ASCII digits: int() reads any script's
         return "skip", int(spec[5:])
-    raise ValueError(f"--meta-grad must be exact, skip:N or famus, got '{spec}'")
+    raise ValueError(f"--meta-grad must be exact, skip:N or famus (N: digits 0-9), got {spec!r}")
 
 
 def virtual_names(model: nn.Module, mode: str, skip: int = 0, famus_stages: int = 1) -> list[str]:

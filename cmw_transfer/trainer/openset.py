@@ -20,6 +20,7 @@ from torch import nn
 from cmw_transfer.errors import UserError
 from cmw_transfer.metrics.openset import calibrated_threshold, open_set_report
 from cmw_transfer.models.oltr import features_and_logits, reachability
+from cmw_transfer.parsing import parse_int_list
 from cmw_transfer.trainer.common import DistributedContext, make_loader
 from cmw_transfer.trainer.config import ApplyConfig
 from cmw_transfer.trainer.evaluation import autocast
@@ -29,15 +30,12 @@ if TYPE_CHECKING:  # the run setup of the apply stages, which import this module
 
 
 def parse_open_classes(text: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"9"`` or ``"7,8,9"`` -> ``(7, 8, 9)``; the CLI form of ``--open-classes``."""
-    if text is None or text == "":
+    """``"9"`` or ``"7,8,9"`` -> ``(7, 8, 9)``; the CLI form of ``--open-classes``, parsed strictly (increasing,
+    each class once: :func:`cmw_transfer.parsing.parse_int_list`). None or an empty sequence: no open classes."""
+    if text is None or (not isinstance(text, str) and not list(text)):
         return ()
-    if not isinstance(text, str):
-        return tuple(int(c) for c in text)
-    try:
-        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise UserError(f"--open-classes '{text}': expected class indices like 9 or 7,8,9") from None
+    return parse_int_list(text, "--open-classes", example="9 or 7,8,9", noun="class indices", low=0,
+                          ascending=True)
 
 
 def _relabel(ds: Any, remap: np.ndarray, known: list[int]) -> Any:

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cmw_transfer.atomic import write_json
 from cmw_transfer.errors import UserError
+from cmw_transfer.runtime import check_free_space
 from cmw_transfer.trainer.common import DistributedContext, make_loader
 from cmw_transfer.trainer.config import StageConfig, _at_least, check_loggers
 from cmw_transfer.trainer.engine import Engine, Stage
@@ -168,6 +169,10 @@ class ProbeTrainer(Stage):
         self.log = tuple(cfg.log)
         self.train = probe_dataset(cfg)
         self.n = len(self.train)
+        if ctx.is_main and not (cfg.resume and (self.out / LOSSES_NAME).is_file()):  # the map is written in full
+            check_free_space(self.out, self.n * cfg.epochs * 2 + 4096,
+                             f"the loss curves ({LOSSES_NAME}: {self.n} samples x --epochs {cfg.epochs}, float16)",
+                             "lower --epochs or free space")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         in_chans = self.train[0][0].shape[0]
         self.model = create_model(cfg.model, num_classes=self.train.num_classes, in_chans=in_chans).to(ctx.device)
@@ -296,6 +301,13 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     RunDirectory(cfg.out, ProbeTrainer.kind, resume=cfg.resume, overwrite=cfg.overwrite).check()
     ctx = DistributedContext.from_env(cfg.device)
     try:
+        from cmw_transfer.models import create_model
+        from cmw_transfer.trainer.memory import check_step_fits, planned_geometry
+
+        geometry = planned_geometry(cfg.dataset, None)  # file datasets: timm's size; a step that cannot fit is refused
+        if geometry is not None:
+            check_step_fits(lambda: create_model(cfg.model, 2, geometry[0]), cfg.model, geometry, cfg.batch_size,
+                            ctx.device)
         stage = ProbeTrainer(cfg, ctx)
         return Engine(stage, resume=cfg.resume, overwrite=cfg.overwrite).run()
     finally:
