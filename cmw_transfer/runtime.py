@@ -60,3 +60,29 @@ def configure_threads(requested: int | None = None, world_size: int | None = Non
     elif not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(cpus_per_process(world_size))
     return torch.get_num_threads()
+
+
+def check_free_space(directory: str | os.PathLike, need: int, what: str, fix: str) -> None:
+    """Refuse (UserError) an output of ``need`` bytes that the file system under ``directory`` (or its nearest
+    existing parent) cannot hold: said before the work starts rather than as a sparse file that fills up later."""
+    import shutil
+    from pathlib import Path
+
+    from cmw_transfer.errors import UserError
+
+    place = Path(directory).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:  # nothing to measure with: the write reports its own failure
+        return
+    if need > free:
+        raise UserError(f"{what} take {_size(need)} but {place} has only {_size(free)} free; {fix}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

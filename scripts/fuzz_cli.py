@@ -51,6 +51,7 @@ class Case:
     needs: str = ""  # "tmpfs": needs the small file systems
     only_line: bool = True  # the error line is the only stderr line (else: the last one, after progress lines)
     timeout: int = 300
+    env: tuple[tuple[str, str], ...] = ()  # extra environment ({hang}: a local server that never answers)
 
 
 def _apply(*extra: str) -> tuple[str, ...]:
@@ -62,6 +63,19 @@ def _opt(option: str, value: str, *, fast: bool = False, item: str = "9", cmd: s
     if cmd == "data":
         base = ("data", "--dataset", "digits")
     return Case(f"{cmd}{option}={value}", (*base, option, value), match=f"'{option}'", fast=fast, item=item)
+
+
+def _machine_limit(kind: str) -> int:
+    sys.path.insert(0, str(ROOT))
+    from cmw_transfer.cli.options import machine_limit  # torch-free
+
+    return machine_limit(kind)[0]
+
+
+_PROBE = ("probe", "--dataset", "digits", "--device", "cpu", "--workers", "0", "--quiet", "--out", "{ws}/runs/{case}")
+_IMPORT = ("import", "--from", "official-cmwnet", "{ws}/nets/vnet.pth", "--out", "{ws}/runs/{case}")
+_META = (*TINY_METATRAIN, "--out", "{ws}/runs/{case}")
+_HUB_ENV = (("HF_HUB_OFFLINE", "0"), ("HF_HUB_CACHE", "{ws}/hfcache"))
 
 
 CATALOGUE: tuple[Case, ...] = (
@@ -174,6 +188,66 @@ CATALOGUE: tuple[Case, ...] = (
     # -- a model that cannot take the input (item 8)
     Case("apply-vit-on-8x8", _apply("--model", "vit_tiny_patch16_224"), match="vit_tiny_patch16_224",
          only_line=False, item="8"),
+    # == issue 22, items 5, 7, 9: numbers bounded by the machine before any work, lists and digits parsed strictly,
+    # refusals that name the changed option, an unreachable Hub in seconds, one families note, a missing list file
+    # item 5: every numeric option bounded by what the machine can do, before any work
+    Case("probe--epochs=1e12", (*_PROBE, "--epochs", "1000000000000"), match="'--epochs'", fast=True, item="22.5"),
+    Case("probe--seed=-1", (*_PROBE, "--seed", "-1"), match="'--seed'", fast=True, item="22.5"),
+    Case("probe--batch-size=2^40", (*_PROBE, "--batch-size", str(2**40)), match="'--batch-size'", item="22.5"),
+    Case("probe-curves-exceed-free-disk", (*_PROBE[:-1], "{small}/probe", "--epochs", "100"),
+         match="lower --epochs or free space", needs="tmpfs", item="22.5"),
+    Case("probe-step-cannot-fit", (*_PROBE[:2], "list:{ws}/lists/odd_sizes.txt", *_PROBE[3:], "--model", "resnet50",
+                                   "--batch-size", "65536"), match="one training step of resnet50", item="22.5"),
+    Case("import--calibrate-img-size=0", (*_IMPORT, "--calibrate-on", "digits", "--calibrate-img-size", "0"),
+         match="'--calibrate-img-size'", fast=True, item="22.5"),
+    Case("import--calibrate-epochs=0", (*_IMPORT, "--calibrate-on", "digits", "--calibrate-epochs", "0"),
+         match="'--calibrate-epochs'", item="22.5"),
+    Case("import-calibrate-vit-on-8x8", (*_IMPORT, "--calibrate-on", "digits", "--calibrate-model",
+                                         "vit_tiny_patch16_224", "--calibrate-img-size", "8"),
+         match="cannot take 3x8x8 inputs", item="22.5"),
+    Case("apply--workers-beyond-machine", _apply("--workers", str(_machine_limit("workers") + 1)),
+         match="more than this machine can run", fast=True, item="22.5"),
+    Case("apply--threads-beyond-machine", _apply("--threads", str(_machine_limit("threads") + 1)),
+         match="more than this machine can run", item="22.5"),
+    Case("apply--nproc-beyond-machine", _apply("--nproc", str(_machine_limit("processes") + 1)),
+         match="more than this machine can run", item="22.5"),
+    Case("apply--config-with-subnormal-lr", _apply("--config", "{ws}/configs/subnormal_lr.json"),
+         match="subnormal_lr.json: lr", item="22.5"),
+    # item 7: lists parsed strictly, ASCII digits only
+    Case("apply--open-classes=,", _apply("--open-classes", ","), match="names nothing", fast=True, item="22.7"),
+    Case("apply--open-classes=1,,2", _apply("--open-classes", "1,,2"), match="item 2 is empty", fast=True,
+         item="22.7"),
+    Case("apply--open-classes=2,1", _apply("--open-classes", "2,1"), match="increasing order", item="22.7"),
+    Case("apply--decay-milestones=5,2", _apply("--sched", "multistep", "--decay-milestones", "5,2"),
+         match="increasing order", fast=True, item="22.7"),
+    Case("apply--epochs=arabic-indic-3", _apply("--epochs", "\u0663"), match="digits 0-9", fast=True, item="22.7"),
+    Case("metatrain--noise=sym:arabic-indic-0.4", (*_META, "--noise", "sym:\u0660.\u0664"), match="digits 0-9",
+         item="22.7"),
+    Case("metatrain--meta-set=clean:superscript-2", (*_META, "--meta-set", "clean:\u00b2"), match="clean:N",
+         item="22.7"),
+    Case("metatrain--meta-grad=skip:arabic-indic-3", (*_META, "--meta-grad", "skip:\u0663"), match="skip:N",
+         item="22.7"),
+    Case("data--noise=sym:arabic-indic-0.4", ("data", "--dataset", "digits", "--noise", "sym:\u0660.\u0664"),
+         match="digits 0-9", item="22.7"),
+    Case("import--source-counts=0,0,0", (*_IMPORT, "--source-counts", "0,0,0"), match="--source-counts",
+         item="22.7"),
+    Case("import--head-order=1,2,arabic-indic-0", (*_IMPORT, "--head-order", "1,2,\u0660"), match="digits 0-9",
+         item="22.7"),
+    # item 9: refusals that say what is wrong, in seconds
+    Case("apply--log=''", _apply("--log", ""), match="names nothing", fast=True, item="22.9"),
+    Case("metatrain--log=,", (*_META, "--log", ","), match="names nothing", item="22.9"),
+    Case("apply--lr=1e-320", _apply("--lr", "1e-320"), match="too small", fast=True, item="22.9"),
+    Case("metatrain--meta-lr=1e-320", (*_META, "--meta-lr", "1e-320"), match="too small", item="22.9"),
+    Case("apply--resume-names-the-changed-option", (*TINY_APPLY, "--out", "{ws}/resume_run", "--resume", "--lr",
+                                                   "0.5"), match="--lr 0.1 -> 0.5", item="22.9"),
+    Case("inspect-hub-closed-port", ("inspect", "--weights", "hub:org/missing"), match="cannot be reached",
+         env=(*_HUB_ENV, ("HF_ENDPOINT", "http://127.0.0.1:1")), timeout=90, item="22.9"),
+    Case("inspect-hub-silent-server", ("inspect", "--weights", "hub:org/missing"), match="did not answer within",
+         env=(*_HUB_ENV, ("HF_ENDPOINT", "{hang}")), timeout=90, item="22.9"),  # was minutes of retries
+    Case("data-odd-list-one-families-note", ("data", "--dataset", "list:{ws}/lists/odd_sizes.txt"), expect="ok",
+         match="classes use heads [1]", forbid=("placed on heads",), item="22.9"),
+    Case("metatrain-missing-list-is-not-found", (*_META[:2], "list:{ws}/lists/nope.txt", *_META[3:]),
+         match="nope.txt not found", item="22.9"),
 )
 
 
@@ -189,6 +263,9 @@ def _write_lists(folder: Path) -> None:
     (folder / "utf16.txt").write_text("a.png 0\nb.png 1\n", encoding="utf-16")
     (folder / "bom.txt").write_bytes(b"\xef\xbb\xbfa.png 0\nb.png 1\n")
     (folder / "ansi_line.txt").write_bytes(b"a.png 0\n\x1b[2Jforged\n")
+    # three classes of 10, 10 and 11 samples: fewer distinct sizes than heads, all within 1.5x (one family)
+    (folder / "odd_sizes.txt").write_text("".join(f"{c}/{i}.png {c}\n" for c, n in enumerate((10, 10, 11))
+                                                  for i in range(n)))
 
 
 def _write_webvision(root: Path, empty: tuple[int, ...] = (3, 17)) -> None:
@@ -248,6 +325,56 @@ def _write_nets(folder: Path) -> None:
     for kind, text in (("5", b"5"), ("null", b"null"), ("true", b"true"), ("str", b'"a string"'),
                        ("not-utf8", b'{"hidden_size": 8, "x": "\xff\xfe"}')):
         variant(f"cfg_{kind}", config_json=text)
+    # the authors' released layout (CMW-Net's VNet: `feature` trunk, three `classfier` heads), for `import`
+    hidden = 100
+    state = {"feature.layer.0.weight": torch.randn(hidden, 1), "feature.layer.0.bias": torch.randn(hidden)}
+    for head in range(3):
+        state[f"classfier.layers.{head}.0.weight"] = torch.randn(1, hidden) / 10
+        state[f"classfier.layers.{head}.0.bias"] = torch.randn(1)
+    torch.save(state, folder / "vnet.pth")
+
+
+def _write_resume_run(folder: Path) -> None:
+    """An apply run directory of TINY_APPLY at the default --lr: its config.json and a checkpoint that names only
+    the fingerprint (the resume is refused before anything else of it is read)."""
+    import torch
+
+    from cmw_transfer.trainer.config import ApplyConfig
+
+    cfg = ApplyConfig(dataset="digits", out=str(folder), weighting="none", model="small_cnn", epochs=1, workers=0,
+                      progress=False, device="cpu")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**cfg.to_dict(), "fingerprint": cfg.fingerprint()}))
+    torch.save({"fingerprint": cfg.fingerprint(), "epoch": 1}, folder / "checkpoint.pt")
+
+
+@contextlib.contextmanager
+def _silent_server() -> Iterator[str]:
+    """A local socket that accepts connections and never answers (a Hub that hangs); its URL."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.2)
+    stop, held = threading.Event(), []
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
 
 
 @contextlib.contextmanager
@@ -280,8 +407,12 @@ def workspace(need_tmpfs: bool) -> Iterator[dict[str, str]]:
         (ws / "afile").write_text("a regular file\n")
         (ws / "runs").mkdir()
         (ws / "cwd").mkdir()
+        (ws / "hfcache").mkdir()
+        (ws / "configs").mkdir()
+        (ws / "configs" / "subnormal_lr.json").write_text('{"dataset": "digits", "out": "x", "lr": 1e-320}')
+        _write_resume_run(ws / "resume_run")
         with contextlib.ExitStack() as stack:
-            places = {"ws": str(ws), "ro": "", "full": "", "small": ""}
+            places = {"ws": str(ws), "ro": "", "full": "", "small": "", "hang": stack.enter_context(_silent_server())}
             if need_tmpfs:
                 ok = [stack.enter_context(_tmpfs(ws / "ro", "64k", "ro")),
                       stack.enter_context(_tmpfs(ws / "full", "64k")),
@@ -335,7 +466,8 @@ def run_case(case: Case, places: dict[str, str]) -> Outcome:
         return Outcome(case, "SKIP", "no tmpfs (mount -t tmpfs needs root)", 0.0)
     args = [arg.format(**places, case="".join(ch if ch.isalnum() else "_" for ch in case.id)) for arg in case.args]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "NO_COLOR": "1",
+           **{key: value.format(**places) for key, value in case.env}}
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "cmw_transfer", *args], capture_output=True, text=True,

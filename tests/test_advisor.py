@@ -188,7 +188,9 @@ def test_a_backbone_without_the_split_is_a_one_line_error():
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--advisor", "mfrw,foo"], "--advisor must list"),
+    (["--advisor", "mfrw,foo"], "--advisor: unknown name(s) 'foo'"),
+    (["--advisor", "mfrw,,mes"], "--advisor 'mfrw,,mes': item 2 is empty"),
+    (["--advisor", "mes,mes"], "--advisor names mes twice"),
     (["--advisor-rho", "1.5"], "--advisor-rho': 1.5 is not in the range"),
 ])
 def test_bad_advisor_options_exit_2(tmp_path, capsys, args, needle):

@@ -46,7 +46,7 @@ def test_catalogue_ids_are_unique_and_fast_subset_is_small(fuzz):
     ids = [c.id for c in fuzz.CATALOGUE]
     assert len(ids) == len(set(ids))
     fast = fuzz.select(True, None)
-    assert 5 <= len(fast) <= 16 and all(c.needs != "tmpfs" for c in fast)
+    assert 5 <= len(fast) <= 40 and all(c.needs != "tmpfs" for c in fast)  # parse-time cases: ~1 s each
 
 
 def test_fast_subset_passes_against_the_real_cli():

@@ -26,8 +26,12 @@ def cached_repo(cache, repo_id, net, commit="a" * 40):
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """HfApi's two network calls replaced: what would be uploaded is recorded (file name -> bytes)."""
+    """HfApi's two network calls replaced: what would be uploaded is recorded (file name -> bytes); the reachability
+    probe answers "reachable"."""
+    import cmw_transfer.weights.hub as weights_hub
+
     calls: dict = {"create_repo": [], "uploads": []}
+    monkeypatch.setattr(weights_hub, "_probe", lambda endpoint: None)
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"].append((repo_id, kwargs))

@@ -337,8 +337,13 @@ def test_pickle_payload_is_refused_and_never_runs(container, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--head-order", "1,1,0"], "not a permutation"),
-    (["--head-order", "a,b"], "comma-separated head numbers"),
-    (["--source-counts", "1,x"], "--source-counts must be comma-separated"),
+    (["--head-order", "a,b"], "expected head numbers like 1,2,0"),
+    (["--head-order", "1,٢,0"], "item 2 ('٢') is not an integer written with the digits 0-9"),
+    (["--head-order", "1,,0"], "item 2 is empty"),
+    (["--source-counts", "1,x"], "--source-counts: item 2 ('x') is not an integer"),
+    (["--source-counts", "0,0,0"], "--source-counts: item 1 ('0') must be in 1.."),
+    (["--source-counts", "5000,2.5,100"], "item 2 ('2.5') is not an integer"),
+    (["--source-counts", "5000,,100"], "item 2 is empty"),
     (["--source-counts", "5,6"], "fewer than the 3 heads"),
     (["--method", "mwnet"], "does not fit a net with 3 head(s)"),
 ])

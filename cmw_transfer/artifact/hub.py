@@ -24,7 +24,7 @@ from cmw_transfer.artifact import card, curves, fileformat, net
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.atomic import write_json, write_text
 from cmw_transfer.errors import UserError
-from cmw_transfer.weights.hub import check_can_push, hub_errors_as_user_errors
+from cmw_transfer.weights.hub import ETAG_TIMEOUT_S, check_can_push, hub_errors_as_user_errors, hub_unreachable
 from cmw_transfer.weights.spec import REPO_ID_PATTERN, WeightsSpec, parse_weights_spec, pretrained_path
 
 SHAPE_KEYS = ("hidden_size", "num_heads", "centers", "format_version")
@@ -83,7 +83,7 @@ def push_to_hub(model: CMWNet, repo_id: str, *, token: str | None = None, branch
                 allow_patterns: list[str] | str | None = None, **kwargs: Any) -> str:
     """The mixin's ``push_to_hub`` (create the repo, save into a temporary folder, upload it), with the token and
     offline mode checked before any network call and the Hub's failures said in one line."""
-    if not REPO_ID_PATTERN.match(str(repo_id)):
+    if not REPO_ID_PATTERN.fullmatch(str(repo_id)):
         raise UserError(f"repo_id must look like org/name, got '{repo_id}'")
     check_can_push(repo_id, token)
     with hub_errors_as_user_errors(WeightsSpec("hub", repo_id, branch), action="push to"):
@@ -119,7 +119,7 @@ def from_pretrained(cls: type[CMWNet], spec: str | os.PathLike | WeightsSpec, *,
         model = fileformat.load_net(cls, pretrained_path(parsed.target))
     else:
         path = Path(parsed.target)
-        if not path.exists() and not isinstance(spec, os.PathLike) and REPO_ID_PATTERN.match(parsed.target):
+        if not path.exists() and not isinstance(spec, os.PathLike) and REPO_ID_PATTERN.fullmatch(parsed.target):
             # a bare repo id, as every PyTorchModelHubMixin class reads it (a local path of that name wins)
             model = from_hub(cls, parsed.target, revision=revision, label=f"{parsed.target} (no such local path; "
                              "as a Hub repo id)", **hub)
@@ -134,9 +134,14 @@ def from_hub(cls: type[CMWNet], repo_id: str, *, revision: str | None = None,
     """The mixin's ``_from_pretrained``: both files through ``hf_hub_download`` (cache, HF_HUB_OFFLINE, revisions);
     the header is validated, and config.json, when the repo has one, must agree with it."""
     spec = WeightsSpec("hub", repo_id, revision)
+    unreachable = None if local_files_only else hub_unreachable()  # seconds, not huggingface_hub's ~25 s of retries
+    if unreachable and force_download:
+        raise UserError(f"{label or spec}: force_download needs the Hub, and the Hub cannot be reached "
+                        f"({unreachable})")
     kwargs = {"repo_id": repo_id, "revision": revision, "cache_dir": cache_dir, "force_download": force_download,
-              "local_files_only": local_files_only, "token": token}
-    with hub_errors_as_user_errors(spec, label=label):
+              "local_files_only": local_files_only or unreachable is not None, "token": token,
+              "etag_timeout": ETAG_TIMEOUT_S}
+    with hub_errors_as_user_errors(spec, label=label, unreachable=unreachable):
         weights = Path(hf_hub_download(filename=fileformat.WEIGHTS_NAME, **kwargs))
         try:
             config_path: Path | None = Path(hf_hub_download(filename=fileformat.CONFIG_NAME, **kwargs))

@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cmw_transfer.artifact.card import with_origin_note
@@ -36,9 +35,11 @@ from cmw_transfer.artifact.curves import family_names
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.artifact.scales import fit_scale_centers
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import parse_int_list
 
 KINDS = ("official-cmwnet", "official-mwnet")
 METHODS = ("cmwnet", "cmwnet-sl", "mwnet")
+MAX_SOURCE_COUNT = 10**12  # samples in one class: more than any dataset holds, and exact in float64
 MAX_FILE_BYTES = 64 * 2**20  # the released net is ~3 KB; anything this large is not a weighting net
 
 # Official head j -> toolkit head i: toolkit order [small, medium, large] = official heads [1, 2, 0]. Inferred from
@@ -196,26 +197,23 @@ def parse_head_order(text: str | Sequence[int] | None, num_heads: int) -> tuple[
             return DEFAULT_HEAD_ORDER, DEFAULT_HEAD_ORDER_REASON
         raise UserError(f"the file has {num_heads} heads and no default order is known for that: give "
                         f"--head-order, the official head for each family from smallest to largest classes")
-    try:
-        order = tuple(int(p) for p in text.split(",")) if isinstance(text, str) else tuple(int(p) for p in text)
-    except ValueError:
-        raise UserError(f"--head-order must be comma-separated head numbers, e.g. 1,2,0; got '{text}'") from None
+    order = parse_int_list(text, "--head-order", example="1,2,0", noun="head numbers", low=0, unique=False)
     if sorted(order) != list(range(num_heads)):
         raise UserError(f"--head-order {','.join(map(str, order))} is not a permutation of the file's {num_heads} "
                         f"heads 0..{num_heads - 1}")
     return order, "given with --head-order"
 
 
-def parse_counts(text: str | Sequence[float] | None) -> list[float] | None:
+def parse_counts(text: str | Sequence[int] | None) -> list[float] | None:
+    """``--source-counts``: one sample count per source class, at least two, whole numbers >= 1. A class the
+    source had no sample of has no size (leave it out); counts of 0 would put every center at 0, one family."""
     if text is None:
         return None
-    try:
-        counts = [float(p) for p in text.split(",")] if isinstance(text, str) else [float(c) for c in text]
-    except ValueError:
-        raise UserError(f"--source-counts must be comma-separated class counts; got '{text}'") from None
-    if not counts or not all(np.isfinite(c) and c >= 0 for c in counts):
-        raise UserError(f"--source-counts must be non-negative finite numbers; got '{text}'")
-    return counts
+    counts = parse_int_list(text, "--source-counts", example="5000,2500,1250", noun="class sample counts",
+                            low=1, high=MAX_SOURCE_COUNT, unique=False)
+    if len(counts) < 2:
+        raise UserError(f"--source-counts names {len(counts)} class; a source has at least 2 classes")
+    return [float(c) for c in counts]
 
 
 def _source_centers(kind: str, counts: list[float] | None, num_heads: int) -> tuple[list[float], list[float] | None,

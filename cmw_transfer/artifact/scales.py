@@ -160,16 +160,22 @@ def fit_families(
         family = np.full(counts.size, int(present_family.min()), dtype=np.int64)
         family[present] = present_family
         return centers, family
-    centers = fit_scale_centers(class_counts, k)
+    with warnings.catch_warnings(record=True) as caught:  # held back: the merge below may replace the rule
+        warnings.simplefilter("always", DegenerateScalesWarning)
+        centers = fit_scale_centers(class_counts, k)
     family = assign_families(class_counts, centers)
-    if k == 1:
-        return centers, family
-    if counts.max() < BALANCED_SPREAD * counts.min():  # sizes that close differ by noise, not by kind
-        merged = np.zeros(counts.size, dtype=np.int64)
-    else:
-        merged = merge_close_families(counts, family, min_gap)
+    merged = family
+    if k > 1:
+        if counts.max() < BALANCED_SPREAD * counts.min():  # sizes that close differ by noise, not by kind
+            merged = np.zeros(counts.size, dtype=np.int64)
+        else:
+            merged = merge_close_families(counts, family, min_gap)
     d = int(merged.max()) + 1
-    if d == np.unique(family).size:
+    replaced = d != np.unique(family).size  # the families are the merged ones: one note, describing those
+    for w in caught:
+        if not (replaced and issubclass(w.category, DegenerateScalesWarning)):
+            warnings.warn(w.message, w.category, stacklevel=2)
+    if not replaced:
         return centers, family
     heads = spread_head_ranks(d, k)
     means = np.array([counts[merged == f].mean() for f in range(d)])

@@ -17,13 +17,17 @@ import numpy as np
 
 from cmw_transfer.bias.result import check_labels
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import ascii_float
 
 
 def check_imbalance(imbalance_factor: float) -> float:
-    try:
-        value = float(imbalance_factor)
-    except (TypeError, ValueError):
-        raise UserError(f"imbalance factor must be a number >= 1, got {imbalance_factor!r}") from None
+    if isinstance(imbalance_factor, (str, bool)):  # text (a config file): ASCII digits only, as on the command line
+        value = ascii_float(imbalance_factor, "imbalance factor", finite=False)
+    else:
+        try:
+            value = float(imbalance_factor)
+        except (TypeError, ValueError):
+            raise UserError(f"imbalance factor must be a number >= 1, got {imbalance_factor!r}") from None
     if not np.isfinite(value) or value < 1.0:
         raise UserError(f"imbalance factor must be >= 1 (largest / smallest class), got {value:g}; e.g. 100")
     return value

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import ascii_float
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,16 @@ def check_labels(labels: np.ndarray | list[int], num_classes: int) -> np.ndarray
 
 def check_rate(rate: float, what: str = "noise rate") -> float:
     """A rate in [0, 1): 1.0 would leave no clean label to learn from."""
-    try:
-        value = float(rate)
-    except (TypeError, ValueError):
-        raise UserError(f"{what} must be a number in [0, 1), got {rate!r}") from None
+    if isinstance(rate, (str, bool)):  # text (--noise sym:0.4): ASCII digits only, float() would read any script's
+        try:
+            value = ascii_float(rate, what)
+        except UserError as exc:
+            raise UserError(f"{exc}; a rate is in [0, 1), e.g. 0.4 for 40% noise") from None
+    else:
+        try:
+            value = float(rate)
+        except (TypeError, ValueError):
+            raise UserError(f"{what} must be a number in [0, 1), got {rate!r}") from None
     if not 0.0 <= value < 1.0:
         raise UserError(f"{what} must be in [0, 1), got {value:g}; e.g. 0.4 for 40% noise")
     return value

@@ -18,6 +18,7 @@ from cmw_transfer.cli.launch import run_under_torchrun
 from cmw_transfer.cli.options import (
     BATCH,
     CLASS_FLOOR,
+    CLASS_LIST,
     DEVICE,
     EPOCHS,
     FAMILIES,
@@ -25,16 +26,18 @@ from cmw_transfer.cli.options import (
     IMBALANCE,
     IMG_SIZE,
     LR,
+    MILESTONES,
     NON_NEGATIVE,
     NPROC,
     POSITIVE,
     SEED,
+    THREADS,
     UNIT_OPEN,
     WARMUP,
     WARMUP_AUTO,
     WEIGHT_DECAY,
     WORKERS,
-    bounded_int,
+    check_file_values,
     log_option,
 )
 from cmw_transfer.errors import UserError
@@ -69,17 +72,27 @@ def _relaunch_argv(ctx: click.Context, nproc: int) -> list[str]:
             "-m", "cmw_transfer", "apply", *args]
 
 
+def check_nproc(nproc: int, device: str) -> None:
+    """``--nproc`` against this machine, before torchrun starts anything: one process per GPU on CUDA, one per
+    CPU otherwise."""
+    import torch
+
+    from cmw_transfer.cli.options import machine_limit
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise UserError(f"--nproc {nproc}: only {gpus} CUDA device(s) visible here (one process per GPU)")
+        return
+    limit, why = machine_limit("processes")
+    if nproc > limit:
+        raise UserError(f"--nproc {nproc} is more than this machine can run: at most {limit} ({why})")
+
+
 def typed_options(ctx: click.Context, options: dict[str, object]) -> frozenset[str]:
     """The options the user typed (not click defaults): they override ``--config``."""
     return frozenset(k for k in options
                      if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None))
-
-
-def _parse_milestones(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UserError(f"--decay-milestones must be comma-separated epochs, e.g. 30,60; got '{text}'") from None
 
 
 def _preflight(cfg: ApplyConfig) -> None:
@@ -126,7 +139,7 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--weight-decay", type=WEIGHT_DECAY, default=5e-4, show_default=True)
 @click.option("--sched", default="cosine", show_default=True,
               help="timm scheduler: cosine, step, multistep, tanh, poly, constant, wsd, rsqrt or none.")
-@click.option("--decay-milestones", default="", metavar="E1,E2",
+@click.option("--decay-milestones", type=MILESTONES, default=None, metavar="E1,E2",
               help="--sched multistep: epochs where the lr is multiplied by 0.1 (default: 50% and 75% of the run).")
 @click.option("--warmup-lr-epochs", type=WARMUP, default=0, show_default=True, help="Linear lr warm-up (timm).")
 @click.option("--warmup-epochs", type=WARMUP_AUTO, default="auto", show_default=True,
@@ -157,7 +170,7 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 + grad scaling on CUDA, bfloat16 on CPU).")
 @click.option("--workers", type=WORKERS, default=None,
               help="DataLoader workers per process.  [default: min(4, CPUs per process - 1)]")
-@click.option("--threads", type=bounded_int(1, 1024), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="torch threads per process.  [default: OMP_NUM_THREADS, else CPUs / processes on this machine]")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on an unreadable image instead of skipping it.")
@@ -200,13 +213,13 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--open-dataset", default=None, metavar="SPEC",
               help="Open-set samples (every one unknown); imagenet-lt reads ImageNet_LT_open.txt, which is also "
                    "used by default when present.")
-@click.option("--open-classes", default=None, metavar="LIST",
+@click.option("--open-classes", type=CLASS_LIST, default=None, metavar="LIST",
               help="Hold these classes out of training (e.g. 9 or 7,8,9); their test samples are the open set.")
 @click.option("--open-threshold", type=POSITIVE, default=None,
               help="Reject as unknown below this reachability.  [default: accept --open-accept of known test]")
 @click.option("--open-accept", type=FRACTION, default=0.95, show_default=True,
               help="Without --open-threshold: the fraction of known test samples the threshold accepts.")
-@log_option(default="")
+@log_option(default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's config.json; options given on "
@@ -223,17 +236,19 @@ def apply_cmd(ctx: click.Context, nproc: int, as_json: bool, config_file: str | 
     adds metrics.csv and/or TensorBoard event files.
     """
     from cmw_transfer.runtime import configure_threads, default_workers, local_world_size
-    from cmw_transfer.trainer.config import parse_open_classes, resolve_apply
+    from cmw_transfer.trainer.config import resolve_apply
     from cmw_transfer.trainer.engine.launch import run_stage
 
     configure_threads(options.pop("threads"), local_world_size())  # type: ignore[arg-type]  (per rank)
     options["extra_eval"] = tuple(options["extra_eval"])  # type: ignore[arg-type]
-    options["decay_milestones"] = _parse_milestones(str(options["decay_milestones"]))
-    options["open_classes"] = parse_open_classes(options["open_classes"])  # type: ignore[arg-type]
+    for name in ("decay_milestones", "open_classes", "log"):  # None: not given
+        options[name] = options[name] or ()
     if not config_file and options.get("workers") is None:
         options["workers"] = default_workers(local_world_size())
-    cfg = resolve_apply(options, config_file, typed_options(ctx, options))
+    cfg = resolve_apply(options, config_file, typed_options(ctx, options),
+                        check_file=lambda values: check_file_values(values, ctx, str(config_file)))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_nproc(nproc, cfg.device)
         _preflight(cfg)
         raise SystemExit(run_under_torchrun(_relaunch_argv(ctx, nproc)))
     summary = run_stage(cfg)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cmw_transfer.cli.options import emit
+from cmw_transfer.cli.options import DEVICE, EPOCHS, IMG_SIZE, emit
 
 KINDS = ("official-cmwnet", "official-mwnet")  # mirrors cmw_transfer.artifact.official.KINDS (kept torch-free)
 
@@ -43,9 +43,10 @@ def _print_text(info: dict) -> None:
                    "[default: loss range unknown]")
 @click.option("--calibrate-data-dir", default=None, metavar="DIR", help="Root folder of the --calibrate-on data.")
 @click.option("--calibrate-model", default="small_cnn", show_default=True, help="Classifier of the calibration run.")
-@click.option("--calibrate-epochs", type=int, default=3, show_default=True, help="Epochs of the calibration run.")
-@click.option("--calibrate-img-size", type=int, default=None, help="Resize for file datasets (timm transforms).")
-@click.option("--device", default="cpu", show_default=True, help="Device of the calibration run.")
+@click.option("--calibrate-epochs", type=EPOCHS, default=3, show_default=True, help="Epochs of the calibration run.")
+@click.option("--calibrate-img-size", type=IMG_SIZE, default=None,
+              help="Resize for file datasets (timm transforms); the model must take it.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="Device of the calibration run.")
 @click.option("--overwrite", is_flag=True, help="Replace an artifact already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def import_cmd(kind: str, path: Path, out: Path, head_order: str | None, source_counts: str | None,

@@ -79,7 +79,7 @@ def _apply_options(command):
               help="Settings from a JSON (or, with PyYAML, YAML) file, e.g. a run's run.json; options given on the "
                    "command line override it.")
 @opt.log_option(default=None)
-@click.option("--threads", type=opt.bounded_int(1, 1024), default=None,
+@click.option("--threads", type=opt.THREADS, default=None,
               help="torch threads.  [default: OMP_NUM_THREADS, else the CPUs of this process]")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object (the only output "
@@ -99,9 +99,11 @@ def metatrain_cmd(src: str, out: str, mirror_optimizer: bool, resume: bool, over
     from cmw_transfer.trainer.engine.launch import run_stage
 
     configure_threads(threads, 1)  # one process
-    result = run_stage(resolve_metatrain({**options, "src": src, "out": out, "resume": resume, "overwrite": overwrite,
-                                          "progress": not quiet, "mirror_optimizer": mirror_optimizer or None},
-                                         config_file))
+    ctx = click.get_current_context()
+    result = run_stage(resolve_metatrain(
+        {**options, "src": src, "out": out, "resume": resume, "overwrite": overwrite, "progress": not quiet,
+         "mirror_optimizer": mirror_optimizer or None}, config_file,
+        check_file=lambda values: opt.check_file_values(values, ctx, str(config_file))))
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return

@@ -1,9 +1,11 @@
 """Options shared by several subcommands, and the validated parameter types every numeric option uses.
 
 Each type checks its value while click parses the command line, so a bad number is one ``error:`` line and
-exit 2 before any data, model or worker process is started. Floats must be finite (and representable in
-float32, the dtype they end up multiplying), ints must lie in a documented range; click prints the range in
-``--help``.
+exit 2 before any data, model or worker process is started. Numbers are written with ASCII digits only
+(:mod:`cmw_transfer.parsing`: Python's ``int`` / ``float`` would read ``٣`` as 3); floats must be finite and
+representable in float32, the dtype they end up multiplying (neither above its maximum nor a subnormal), ints
+must lie in a documented range, which click prints in ``--help``. Counts of processes, threads and loader
+workers are also bounded by this machine (its CPUs, its open-file limit, its GPUs).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 
 import click
 
+from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import ascii_float, ascii_int, parse_int_list, parse_name_list
+
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_IMG_SIZE = 1024  # 3 x 1024^2 float32 = 12 MiB per image; larger inputs exhaust memory before a step runs
 MAX_SEED = 2**63 - 1  # torch.manual_seed / np.random.SeedSequence accept it; seed + epoch still fits uint64
@@ -27,6 +32,12 @@ MAX_FAMILIES = 100
 MAX_HIDDEN = 1 << 16
 MAX_NPROC = 1024
 MAX_LR = 100.0
+MAX_CLASS_INDEX = 999_999  # the largest label a list: dataset may have (dataset.lists.MAX_LIST_CLASSES - 1)
+# below this a step changes no float32 weight (lr x gradient under float32's relative precision of ~1e-7 for any
+# gradient < 1e5): a typo (1e-320, 1e-30), not a learning rate
+MIN_LR = 1e-12
+WORKERS_PER_CPU = 4  # more loader workers per CPU only wait for each other (torch already warns above one per CPU)
+FILES_PER_WORKER = 16  # descriptors a persistent worker holds in the parent (~5, measured) x train/eval loaders
 
 
 class FiniteFloat(click.FloatRange):
@@ -39,7 +50,10 @@ class FiniteFloat(click.FloatRange):
         super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        number = click.FLOAT.convert(value, param, ctx)
+        try:
+            number = ascii_float(value, "the value", finite=False)
+        except UserError as exc:
+            self.fail(f"{exc}.", param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         number = super().convert(number, param, ctx)
@@ -51,9 +65,60 @@ class FiniteFloat(click.FloatRange):
         return f"FiniteFloat({self._describe_range()})"
 
 
+class AsciiIntRange(click.IntRange):
+    """click's IntRange (the range shows in ``--help``) over integers written with ASCII digits only: ``٣``,
+    ``1_000`` or, from a config file, ``3.0`` and ``true`` are refused instead of read as numbers."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number = ascii_int(value, "the value")
+        except UserError as exc:
+            self.fail(f"{exc}.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 def bounded_int(min: int | None = None, max: int | None = None) -> click.IntRange:
-    """An int inside ``[min, max]`` (click's IntRange: the range shows in ``--help``)."""
-    return click.IntRange(min=min, max=max)
+    """An int inside ``[min, max]``, written with ASCII digits."""
+    return AsciiIntRange(min=min, max=max)
+
+
+class MachineBound(AsciiIntRange):
+    """A count of workers, threads or processes: inside the static range and within what this machine can run
+    (:func:`machine_limit`), checked while parsing."""
+
+    def __init__(self, kind: str, min: int, max: int) -> None:
+        super().__init__(min=min, max=max)
+        self.kind = kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = super().convert(value, param, ctx)
+        limit, why = machine_limit(self.kind)
+        if number > limit:
+            self.fail(f"{number} is more than this machine can run: at most {limit} ({why}).", param, ctx)
+        return number
+
+
+def machine_limit(kind: str) -> tuple[int, str]:
+    """``(limit, reason)`` for ``"workers"`` (per process), ``"threads"`` or ``"processes"`` on this machine."""
+    from cmw_transfer.runtime import available_cpus
+
+    cpus = available_cpus()
+    if kind == "threads":
+        return cpus, f"{cpus} CPU(s) available to this process; more threads only wait for each other"
+    if kind == "processes":
+        return cpus, f"{cpus} CPU(s) available to this process"
+    limit, why = WORKERS_PER_CPU * cpus, f"{WORKERS_PER_CPU} per CPU, {cpus} CPU(s) available"
+    try:
+        import resource
+
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        unlimited = files == resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):  # not a POSIX system: no descriptor limit to respect
+        files, unlimited = 0, True
+    by_files = max(0, (files - 256) // FILES_PER_WORKER)
+    if not unlimited and by_files < limit:
+        limit, why = by_files, f"the open-file limit is {files} (ulimit -n), {FILES_PER_WORKER} per worker"
+    return limit, why
 
 
 class DeviceType(click.ParamType):
@@ -64,11 +129,11 @@ class DeviceType(click.ParamType):
     """
 
     name = "device"
-    _PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,4})?)$")
+    _PATTERN = re.compile(r"(auto|cpu|mps|cuda(:[0-9]{1,4})?)")
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value).strip()
-        if not self._PATTERN.match(text):
+        if not self._PATTERN.fullmatch(text):
             self.fail(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps.", param, ctx)
         if text.startswith("cuda"):
             import torch
@@ -103,15 +168,64 @@ class LoggersType(click.ParamType):
     name = "csv,tensorboard"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
-        from cmw_transfer.errors import UserError
-        from cmw_transfer.trainer.config import parse_loggers
+        from cmw_transfer.trainer.config import LOGGERS
 
-        if isinstance(value, tuple):
+        if isinstance(value, tuple) and not value:  # a config file's "none"
             return value
+        name = _option_name(param)
         try:
-            return parse_loggers(str(value))
+            return parse_name_list(value if isinstance(value, tuple) else str(value), name, choices=LOGGERS)
         except UserError as exc:
-            self.fail(str(exc).removeprefix("--log: "), param, ctx)
+            self.fail(_without_name(exc, name), param, ctx)
+
+
+def _option_name(param: click.Parameter | None) -> str:
+    return param.opts[0] if param is not None and param.opts else "the value"
+
+
+def _without_name(exc: UserError, name: str) -> str:
+    """A parser's message minus the leading option name, which click's "Invalid value for ..." already says."""
+    text = str(exc)
+    for prefix in (f"{name}: ", f"{name} "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+class IntListType(click.ParamType):
+    """A comma-separated list of integers, parsed strictly (:func:`cmw_transfer.parsing.parse_int_list`)."""
+
+    def __init__(self, name: str, example: str, noun: str, *, low: int, high: int, ascending: bool) -> None:
+        self.name, self.example, self.noun = name, example, noun
+        self.low, self.high, self.ascending = low, high, ascending
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple) and not value:  # a config file's "none"
+            return value
+        name = _option_name(param)
+        try:
+            return parse_int_list(value, name, example=self.example, noun=self.noun, low=self.low, high=self.high,
+                                  ascending=self.ascending)
+        except UserError as exc:
+            self.fail(_without_name(exc, name), param, ctx)
+
+
+def check_file_values(values: dict[str, object], ctx: click.Context, path: str) -> dict[str, object]:
+    """``values`` (from ``--config path``) with each one converted by the option of the same name: a number out
+    of range, a subnormal lr, ``2.5`` or ``true`` for an epoch count is the option's own error, naming the file."""
+    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and not p.is_flag}
+    out = dict(values)
+    for name, value in values.items():
+        param = params.get(name)
+        if param is None or value is None or param.multiple or isinstance(param.type, click.types.StringParamType):
+            continue
+        if isinstance(value, (list, tuple)) and not value and isinstance(param.type, (IntListType, LoggersType)):
+            continue  # an empty list: the option's "none"
+        try:
+            out[name] = param.type.convert(tuple(value) if isinstance(value, list) else value, param, ctx)
+        except click.BadParameter as exc:
+            raise UserError(f"--config {path}: {name}: {exc.format_message()}") from None
+    return out
 
 
 LOG_HELP = ("Loggers beside metrics.jsonl, comma-separated: csv (metrics.csv, one row per epoch) and/or "
@@ -126,7 +240,7 @@ def log_option(default: str | None) -> Callable[[Any], Any]:
 
 
 # -- the types the commands use ----------------------------------------------------------------------------------
-LR = FiniteFloat(0.0, MAX_LR, min_open=True)
+LR = FiniteFloat(MIN_LR, MAX_LR)
 POSITIVE = FiniteFloat(0.0, min_open=True)
 NON_NEGATIVE = FiniteFloat(0.0)
 UNIT = FiniteFloat(0.0, 1.0)  # [0, 1]
@@ -139,10 +253,13 @@ IMG_SIZE = bounded_int(1, MAX_IMG_SIZE)
 EPOCHS = bounded_int(1, MAX_EPOCHS)
 WARMUP = bounded_int(0, MAX_EPOCHS)
 BATCH = bounded_int(1, MAX_BATCH)
-WORKERS = bounded_int(0, MAX_WORKERS)
+WORKERS = MachineBound("workers", 0, MAX_WORKERS)
+THREADS = MachineBound("threads", 1, 1024)
 FAMILIES = bounded_int(1, MAX_FAMILIES)
 HIDDEN = bounded_int(1, MAX_HIDDEN)
-NPROC = bounded_int(1, MAX_NPROC)
+NPROC = bounded_int(1, MAX_NPROC)  # bounded by the machine once --device is known (cli.apply_cmd.check_nproc)
+MILESTONES = IntListType("E1,E2", "30,60", "epochs", low=1, high=MAX_EPOCHS, ascending=True)
+CLASS_LIST = IntListType("LIST", "7,8,9", "class indices", low=0, high=MAX_CLASS_INDEX, ascending=True)
 DEVICE = DeviceType()
 WARMUP_AUTO = WarmupType()
 CLASS_FLOOR = FiniteFloat(0.0, 1.0)

@@ -20,12 +20,14 @@ def push_cmd(weights_dir: Path, repo_id: str, private: bool, revision: str | Non
     huggingface_hub (run files such as run.json or metrics.jsonl stay local). Needs a token: `hf auth login`."""
     from cmw_transfer.artifact import CMWNet, fileformat
     from cmw_transfer.weights.hub import check_can_push, push_directory
-    from cmw_transfer.weights.spec import REPO_ID_PATTERN
+    from cmw_transfer.weights.spec import REPO_ID_PATTERN, REVISION_PATTERN
 
     if not weights_dir.is_dir():
         raise UserError(f"--weights must be a directory written by save_pretrained, got {weights_dir}")
-    if not REPO_ID_PATTERN.match(repo_id):
-        raise UserError(f"--repo must look like org/name, got '{repo_id}'")
+    if not REPO_ID_PATTERN.fullmatch(repo_id):
+        raise UserError(f"--repo must look like org/name, got {repo_id!r}")
+    if revision is not None and not REVISION_PATTERN.fullmatch(revision):
+        raise UserError(f"--revision must be a branch name (letters, digits, . _ - /), got {revision!r}")
     CMWNet.from_pretrained(weights_dir)  # refuse to publish a broken artifact
     check_can_push(repo_id)  # offline / no token: said before any network call
     files = [name for name in fileformat.ARTIFACT_FILES if (weights_dir / name).is_file()]

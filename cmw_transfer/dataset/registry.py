@@ -49,6 +49,17 @@ def resolve_source(spec: str, noise: str | None = None, imbalance: float | None 
     return base, BiasSpec(noise=steps, imbalance=imbalance)
 
 
+def check_source_exists(base: str) -> None:
+    """A ``list:`` / ``folder:`` base whose file or folder is missing: the loader's own "not found" line, said
+    before any check that presumes the data is there (e.g. "has no built-in test split")."""
+    from cmw_transfer.dataset.formats import folders
+
+    if base.startswith("list:"):
+        folders.list_file(base[5:])
+    elif base.startswith("folder:"):
+        folders.folder_root(base[7:])
+
+
 def _loader(name: str) -> Callable[..., LabeledDataset]:
     from cmw_transfer.dataset.formats import cifar, clothing1m, digits, folders, imagenet_lt, webvision
 

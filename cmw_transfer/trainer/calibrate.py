@@ -8,8 +8,9 @@ import torch.nn.functional as F  # noqa: N812
 
 from cmw_transfer.artifact.net import loss_range_of
 from cmw_transfer.dataset import create_dataset
+from cmw_transfer.dataset.images import DEFAULT_INPUT_SIZE
 from cmw_transfer.errors import UserError
-from cmw_transfer.models import create_model
+from cmw_transfer.models import create_model, input_geometry
 from cmw_transfer.trainer.engine.distributed import resolve_device
 from cmw_transfer.trainer.engine.loaders import make_loader
 from cmw_transfer.trainer.engine.optim import create_optimizer_and_scheduler
@@ -37,8 +38,11 @@ def calibrate_loss_range(spec: str, *, data_dir: str | None = None, model: str =
         raise UserError(f"--calibrate-on {spec}: {exc}; point --calibrate-data-dir at the data") from None
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    in_chans = getattr(ds, "input_shape", (3,))[0]
-    net = create_model(model, num_classes=int(ds.num_classes), in_chans=in_chans).to(dev)
+    # the input the model sees (RGB at img_size once resized), checked by one dry forward before any training
+    shape = getattr(ds, "input_shape", None)  # None: image files, resized by timm's default transform
+    geometry = input_geometry(shape, img_size if img_size is not None or shape is not None else DEFAULT_INPUT_SIZE)
+    net = create_model(model, num_classes=int(ds.num_classes), in_chans=geometry[0], img_size=img_size,
+                       input_size=None if img_size else geometry[1:], resizable=False).to(dev)
     loader = make_loader(ds, batch_size, train=True, workers=0, seed=seed, distributed=False)
     optimizer, scheduler = create_optimizer_and_scheduler(net, lr=lr, epochs=epochs, steps_per_epoch=len(loader))
     updates = 0

@@ -18,6 +18,7 @@ import numpy as np
 from cmw_transfer.bias.apply import apply_bias
 from cmw_transfer.dataset import LabeledDataset, create_dataset, resolve_source, split_per_class
 from cmw_transfer.dataset.classes import warn_empty_classes
+from cmw_transfer.dataset.registry import check_source_exists
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import ApplyConfig, MetaSetSpec
 
@@ -138,6 +139,7 @@ def load_source(src: str, data_dir: str | None, noise: str | None, imbalance: fl
     """The meta-train layout: clean meta samples held out first (``meta`` clean:N), then the bias, and the test set
     (``eval_dataset``, else the base dataset's own, if it has one)."""
     base, bias = resolve_source(src, noise, imbalance)
+    check_source_exists(base)  # a missing list file is "not found", not "has no test split"
     if base.startswith(FILE_SOURCES) and not eval_dataset:
         raise UserError(f"--src {src} has no built-in test split (metatrain would evaluate on its own training "
                         "files): add --eval-dataset list:VAL.txt or --eval-dataset folder:VAL_DIR")

@@ -1,12 +1,19 @@
-"""Hub I/O through huggingface_hub, with its failures said in one line.
+"""Hub I/O through huggingface_hub, with its failures said in one line, and in seconds.
 
 huggingface_hub's own exceptions are mapped to :class:`~cmw_transfer.errors.UserError`; so are the transport
 errors of the HTTP client it uses (no network), which it lets through unwrapped.
+
+Without ``HF_HUB_OFFLINE``, huggingface_hub meets an unreachable Hub with a metadata request, then, when the file
+is not cached, five retries with exponential back-off and a 60 s timeout each: ~25 s for a closed port, minutes
+for a server that accepts and never answers. :func:`hub_unreachable` asks the endpoint once, with a
+``PROBE_TIMEOUT_S`` timeout, before our downloads and uploads: when it does not answer, a download falls back to
+the local cache at once (as HF_HUB_OFFLINE would) and an upload is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +33,8 @@ from cmw_transfer.errors import UserError
 from cmw_transfer.weights.spec import WeightsSpec
 
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
+PROBE_TIMEOUT_S = 2.0  # the Hub answers a HEAD in well under a second where there is network
+ETAG_TIMEOUT_S = 3.0  # per metadata request of our downloads (huggingface_hub's default: 10 s)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -44,9 +53,30 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hub endpoint (``HF_ENDPOINT``) cannot be reached, asked once per process with ``PROBE_TIMEOUT_S``;
+    None when it answers (any HTTP status) or in offline mode, where nothing is asked."""
+    if constants.HF_HUB_OFFLINE:
+        return None
+    return _probe(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(endpoint: str) -> str | None:
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=PROBE_TIMEOUT_S, follow_redirects=False)
+    except _transport_errors() as exc:
+        return f"{exc.__class__.__name__}: {_first_line(exc)}"[:200]
+    return None
+
+
 @contextlib.contextmanager
-def hub_errors_as_user_errors(spec: WeightsSpec, *, label: str | None = None, action: str = "load") -> Iterator[None]:
-    """Turn the Hub's failures into one ``UserError`` line naming ``label`` (default: the spec)."""
+def hub_errors_as_user_errors(spec: WeightsSpec, *, label: str | None = None, action: str = "load",
+                              unreachable: str | None = None) -> Iterator[None]:
+    """Turn the Hub's failures into one ``UserError`` line naming ``label`` (default: the spec); ``unreachable``:
+    why the Hub was not asked (:func:`hub_unreachable`), said when the cache does not hold the files either."""
     name = label or str(spec)
     pushing = action != "load"
     try:
@@ -55,9 +85,12 @@ def hub_errors_as_user_errors(spec: WeightsSpec, *, label: str | None = None, ac
         if pushing:
             raise UserError(f"cannot {action} hub:{spec.target}: offline (HF_HUB_OFFLINE is set); unset it where "
                             "there is network") from None
+        why = f" (the Hub at {constants.ENDPOINT} did not answer within {PROBE_TIMEOUT_S:g} s: {unreachable})" \
+            if unreachable else ""
         raise UserError(
-            f"{name} is not in the local Hugging Face cache and the Hub cannot be reached: download it where there "
-            f"is network (hf download {spec.target}), point HF_HUB_CACHE at that cache, or pass a local directory"
+            f"{name} is not in the local Hugging Face cache and the Hub cannot be reached{why}: download it where "
+            f"there is network (hf download {spec.target}), point HF_HUB_CACHE at that cache, or pass a local "
+            "directory"
         ) from None
     except RevisionNotFoundError:
         raise UserError(f"{name}: revision '{spec.revision}' does not exist in {spec.target}") from None
@@ -81,12 +114,17 @@ def hub_errors_as_user_errors(spec: WeightsSpec, *, label: str | None = None, ac
 
 
 def check_can_push(repo_id: str, token: str | bool | None = None) -> None:
-    """Refuse before any network call: offline mode, or no token at all (argument, HF_TOKEN, or `hf auth login`)."""
+    """Refuse before any upload: offline mode, no token at all (argument, HF_TOKEN, or `hf auth login`), or a Hub
+    that does not answer."""
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"cannot push to hub:{repo_id}: offline (HF_HUB_OFFLINE is set); unset it where there is "
                         "network")
     if token is False or not (token or _stored_token()):
         raise UserError(f"cannot push to hub:{repo_id}: no Hugging Face token; {LOGIN_HINT}")
+    reason = hub_unreachable()
+    if reason:
+        raise UserError(f"cannot push to hub:{repo_id}: the Hub at {constants.ENDPOINT} cannot be reached (no answer "
+                        f"within {PROBE_TIMEOUT_S:g} s: {reason}); check the network")
 
 
 def _stored_token() -> str | None:

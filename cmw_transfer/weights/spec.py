@@ -16,7 +16,7 @@ from pathlib import Path
 from cmw_transfer.errors import UserError
 
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+REVISION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -40,12 +40,13 @@ def parse_weights_spec(spec: str) -> WeightsSpec:
         raise UserError("empty weights spec: give a directory, a .safetensors file, hub:org/name or pretrained:NAME")
     if spec.startswith("hub:"):
         repo, _, revision = spec[4:].partition("@")
-        if not REPO_ID_PATTERN.match(repo) or (revision and not _REVISION.match(revision)) or spec.endswith("@"):
+        bad_revision = bool(revision) and not REVISION_PATTERN.fullmatch(revision)
+        if not REPO_ID_PATTERN.fullmatch(repo) or bad_revision or spec.endswith("@"):
             raise UserError(f"malformed hub spec '{spec}': expected hub:org/name or hub:org/name@revision")
         return WeightsSpec("hub", repo, revision or None)
     if spec.startswith("pretrained:"):
         name = spec[len("pretrained:"):]
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise UserError(f"malformed pretrained spec '{spec}': expected pretrained:NAME; known: "
                             f"{', '.join(list_pretrained()) or 'none'}")
         return WeightsSpec("pretrained", name)

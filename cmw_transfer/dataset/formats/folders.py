@@ -53,13 +53,27 @@ def load_animal10n(root: str | Path | None, split: str = "train", *, allow_empty
                        split=split, **kwargs)
 
 
+def folder_root(path: str | Path) -> Path:
+    """The folder of ``folder:PATH``, which must exist (checked before anything else about the run)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"folder:{path}: {root} is not a folder; expected one sub-folder per class with images")
+    return root
+
+
+def list_file(path: str | Path) -> Path:
+    """The list file of ``list:PATH``, which must exist (checked before anything else about the run)."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise UserError(f"list:{path}: list file {source} not found; expected lines 'relative/path label'")
+    return source
+
+
 def load_folder(path: str | Path, split: str = "train", *, allow_empty_classes: bool = False,
                 **kwargs: Any) -> FileDataset:
     """``folder:PATH``: each sub-folder of PATH is a class (sorted names -> labels 0..C-1), images inside it
     (recursively); like torchvision's ImageFolder. An empty class folder is an error."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise UserError(f"folder:{path}: {root} is not a folder; expected one sub-folder per class with images")
+    root = folder_root(path)
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise UserError(f"folder:{path}: no class sub-folders in {root}; expected {root}/<class>/<image>.jpg")
@@ -89,9 +103,7 @@ def load_list(path: str | Path, root: str | Path | None = None, split: str = "tr
     line is an error unless ``allow_empty_classes``."""
     from cmw_transfer.dataset.lists import MAX_LIST_CLASSES, parse_label_list
 
-    source = Path(path).expanduser()
-    if not source.is_file():
-        raise UserError(f"list:{path}: list file {source} not found; expected lines 'relative/path label'")
+    source = list_file(path)
     base = Path(root).expanduser() if root is not None else source.parent
     parsed = parse_label_list(source, base)
     if not parsed.labels.size:

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from cmw_transfer.defaults import MIXUP_ALPHA, NORMALIZATIONS, TEACHER_DECAY
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import check_int_sequence, parse_int_list, parse_named_specs
 from cmw_transfer.trainer.config.base import StageConfig, at_least, config_fingerprint
 
 WEIGHTINGS = ("cmw", "none", "focal", "class-balanced", "eql")  # fixed baselines: cmw_transfer.weighting
@@ -24,15 +25,12 @@ RESUME_FREE = ("out", "resume", "workers", "eval_every", "extra_eval", "device",
 
 
 def parse_open_classes(text: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"9"`` or ``"7,8,9"`` -> ``(7, 8, 9)``; the CLI form of ``--open-classes``."""
-    if text is None or text == "":
+    """``"9"`` or ``"7,8,9"`` -> ``(7, 8, 9)``; the CLI form of ``--open-classes``, parsed strictly (increasing,
+    each class once: :func:`cmw_transfer.parsing.parse_int_list`). None or an empty sequence: no open classes."""
+    if text is None or (not isinstance(text, str) and not list(text)):
         return ()
-    if not isinstance(text, str):
-        return tuple(int(c) for c in text)
-    try:
-        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise UserError(f"--open-classes '{text}': expected class indices like 9 or 7,8,9") from None
+    return parse_int_list(text, "--open-classes", example="9 or 7,8,9", noun="class indices", low=0,
+                          ascending=True)
 
 
 @dataclass
@@ -166,10 +164,20 @@ class ApplyConfig(StageConfig):
             raise UserError(f"--open-threshold must be > 0 (a reachability), got {self.open_threshold}")
         if not 0.0 < self.open_accept <= 1.0:
             raise UserError(f"--open-accept must be in (0, 1], got {self.open_accept}")
+        self._validate_lists()
         if self.open_dataset and self.open_classes:
             raise UserError("--open-dataset and --open-classes both define the open set; pick one")
         if self.trainer == "oltr":
             self._validate_oltr()
+
+    def _validate_lists(self) -> None:
+        """The list options (also from a config file): increasing, no repeats, inside the run."""
+        check_int_sequence(self.open_classes, "--open-classes", low=0, ascending=True)
+        check_int_sequence(self.decay_milestones, "--decay-milestones", low=1, high=max(self.stage_epochs()),
+                           ascending=True, high_note="the last epoch of a stage: a later one never takes effect")
+        if self.decay_milestones and self.sched != "multistep":
+            raise UserError(f"--decay-milestones only apply to --sched multistep (this run uses {self.sched})")
+        self.extra_eval = parse_named_specs(self.extra_eval, "--extra-eval", "ilsvrc12=list:/data/imagenet/val.txt")
 
     def _validate_oltr(self) -> None:
         if self.soft_labels:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from cmw_transfer.defaults import LOGGERS, TENSORBOARD_HINT
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import parse_name_list
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -34,16 +35,11 @@ def config_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> 
 
 
 def parse_loggers(value: Any) -> tuple[str, ...]:
-    """``"tensorboard,csv"`` (or a list of names) -> ``("csv", "tensorboard")``; an unknown name is a UserError."""
-    if value is None:
+    """``"tensorboard,csv"`` (or a list of names) -> ``("csv", "tensorboard")``; None or an empty list: no logger.
+    An unknown, empty or repeated name (``""``, ``"csv,"``) is a UserError (:mod:`cmw_transfer.parsing`)."""
+    if value is None or (not isinstance(value, str) and not list(value)):
         return ()
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    names = {str(p).strip().lower() for p in parts} - {""}
-    unknown = sorted(names - set(LOGGERS))
-    if unknown:
-        raise UserError(f"--log: unknown logger(s) {', '.join(unknown)}; choose from {', '.join(LOGGERS)} "
-                        "(comma-separated)")
-    return tuple(sorted(names))
+    return parse_name_list(value, "--log", choices=LOGGERS)
 
 
 def check_loggers(log: Any) -> tuple[str, ...]:

@@ -4,12 +4,14 @@ of their string options (torch-free, so ``--help`` and ``validate()`` need no to
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from cmw_transfer.defaults import CURVENET_MODES
 from cmw_transfer.errors import UserError
+from cmw_transfer.parsing import parse_name_list
 from cmw_transfer.trainer.config.base import RUN_OPTIONS, StageConfig, config_fingerprint
 
 METHODS = ("cmwnet", "mwnet", "cmwnet-sl", "advisor")
@@ -34,9 +36,9 @@ def parse_meta_grad(spec: str) -> tuple[str, int]:
     """``exact`` -> ("exact", 0); ``skip:N`` -> ("skip", N); ``famus`` -> ("famus", 0)."""
     if spec in ("exact", "famus"):
         return spec, 0
-    if spec.startswith("skip:") and spec[5:].isdigit():
+    if spec.startswith("skip:") and re.fullmatch("[0-9]{1,4}", spec[5:]):  # ASCII digits: int() reads any script's
         return "skip", int(spec[5:])
-    raise ValueError(f"--meta-grad must be exact, skip:N or famus, got '{spec}'")
+    raise ValueError(f"--meta-grad must be exact, skip:N or famus (N: digits 0-9), got {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -50,20 +52,18 @@ class MetaSetSpec:
 
 
 def parse_meta_set(text: str) -> MetaSetSpec:
-    kind, _, count = text.partition(":")
-    if kind == "gmm" and not count:
+    kind, sep, count = str(text).partition(":")
+    if kind == "gmm" and not sep:
         return MetaSetSpec("gmm")
-    if kind in ("clean", "lowest-loss") and count.isdigit() and int(count) > 0:
+    if kind in ("clean", "lowest-loss") and re.fullmatch("[0-9]{1,9}", count) and int(count) > 0:  # ASCII digits
         return MetaSetSpec(kind, int(count))
-    raise UserError(f"--meta-set must be clean:N, lowest-loss:N or gmm (N > 0), got '{text}'")
+    raise UserError(f"--meta-set must be clean:N, lowest-loss:N or gmm (N > 0, digits 0-9), got {text!r}")
 
 
 def parse_advisor(spec: str | Iterable[str]) -> tuple[str, ...]:
-    """``"mfrw,mes"`` -> ("mfrw", "mes"); at least one part, no unknown ones."""
-    parts = [p.strip().lower() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    bad = [p for p in parts if p not in ADVISOR_PARTS]
-    if bad or not parts:
-        raise UserError(f"--advisor must list mfrw and/or mes (e.g. mfrw,mes), got '{spec}'")
+    """``"mfrw,mes"`` -> ("mfrw", "mes"); at least one part, each once, no unknown or empty one
+    (:func:`cmw_transfer.parsing.parse_name_list`)."""
+    parts = parse_name_list(spec, "--advisor", choices=ADVISOR_PARTS)
     return tuple(p for p in ADVISOR_PARTS if p in parts)
 
 

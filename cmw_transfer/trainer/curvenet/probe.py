@@ -33,11 +33,13 @@ from torch.nn.parallel import DistributedDataParallel
 from cmw_transfer.atomic import write_json
 from cmw_transfer.defaults import PROBE_NAME
 from cmw_transfer.errors import UserError
+from cmw_transfer.runtime import check_free_space
 from cmw_transfer.trainer.config import ProbeConfig, parse_meta_set
 from cmw_transfer.trainer.data import load_source, load_train, warn_empty
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.loaders import make_loader
 from cmw_transfer.trainer.engine.loop import Stage
+from cmw_transfer.trainer.engine.memory import check_model_fits
 from cmw_transfer.trainer.engine.registry import register_trainer
 
 LOSSES_NAME = "losses.npy"
@@ -80,6 +82,12 @@ class ProbeTrainer(Stage):
     state_keys = ("model", "optimizer")
     summary_name = SUMMARY_NAME
 
+    @classmethod
+    def from_config(cls, cfg: ProbeConfig, ctx: DistributedContext) -> ProbeTrainer:
+        """A step that cannot fit (file datasets: timm's input size) is refused before any data is loaded."""
+        check_model_fits(cfg.model, cfg.dataset, cfg.batch_size, ctx.device)
+        return cls(cfg, ctx)
+
     def __init__(self, cfg: ProbeConfig, ctx: DistributedContext) -> None:
         from cmw_transfer.models import create_model
 
@@ -88,6 +96,10 @@ class ProbeTrainer(Stage):
         self.log = tuple(cfg.log)
         self.train = probe_dataset(cfg)
         self.n = len(self.train)
+        if ctx.is_main and not (cfg.resume and (self.out / LOSSES_NAME).is_file()):  # the map is written in full
+            check_free_space(self.out, self.n * cfg.epochs * 2 + 4096,
+                             f"the loss curves ({LOSSES_NAME}: {self.n} samples x --epochs {cfg.epochs}, float16)",
+                             "lower --epochs or free space")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         in_chans = self.train[0][0].shape[0]
         self.model = create_model(cfg.model, num_classes=self.train.num_classes, in_chans=in_chans).to(ctx.device)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cmw_transfer.atomic import atomic_path
+from cmw_transfer.config_diff import mismatch_message
 from cmw_transfer.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -30,8 +31,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise UserError(f"cannot write the checkpoint {path}: {reason}; the previous checkpoint is intact") from None
 
 
-def load_checkpoint(path: str | Path, fingerprint: str) -> dict[str, Any]:
-    """Load for ``--resume``; a checkpoint of a different configuration is refused, nothing is overwritten."""
+def load_checkpoint(path: str | Path, fingerprint: str, config: Any = None) -> dict[str, Any]:
+    """Load for ``--resume``; a checkpoint of a different configuration is refused, nothing is overwritten. With
+    the run's ``config`` (a stage config) the refusal names the options that differ from the saved ones."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}; start without --resume or point --out at the run")
@@ -44,8 +46,7 @@ def load_checkpoint(path: str | Path, fingerprint: str) -> dict[str, Any]:
         raise UserError(f"--resume: {path} holds a {type(state).__name__}, not a checkpoint of this toolkit; "
                         "delete it to start over")
     if state.get("fingerprint") != fingerprint:
-        raise UserError(f"--resume: {path} belongs to a run with a different configuration "
-                        f"({state.get('fingerprint')} != {fingerprint}); use the original options or another --out")
+        raise UserError(mismatch_message(path, state.get("fingerprint"), config, fingerprint))
     return state
 
 

@@ -33,7 +33,7 @@ def preflight(cfg: StageConfig) -> dict[str, Any] | None:
     cfg.validate()
     cls = trainer_class(cfg.trainer_name())
     RunDirectory(cfg.out, cls.kind, resume=cfg.resume, overwrite=cfg.overwrite).check()
-    return load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint()) if cfg.resume else None
+    return load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, cfg.fingerprint(), cfg) if cfg.resume else None
 
 
 def context(cfg: StageConfig) -> DistributedContext:

@@ -245,7 +245,7 @@ class Engine:
         stage = self.stage
         path = stage.out / CHECKPOINT_NAME
         if state is None:
-            state = load_checkpoint(path, stage.fingerprint())
+            state = load_checkpoint(path, stage.fingerprint(), getattr(stage, "cfg", None))
         state = self._translate_epochs(state, path)
         start = check_structure(state, path, required=stage.state_keys, first_epoch=stage.first_epoch,
                                 total_epochs=stage.total_epochs(), identity=stage.identity())
