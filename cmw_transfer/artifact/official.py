@@ -22,7 +22,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -443,15 +442,19 @@ def _with_card_note(card: str, note: str) -> str:
 
 def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
     """``save_pretrained`` plus the origin section in the model card (and the curves plot), all-or-nothing."""
-    from cmw_transfer.atomic import write_text
+    from cmw_transfer.atomic import atomic_path, file_kind, temporary_directory, write_text
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+    try:
+        kind = None if out.is_dir() else file_kind(os.stat(out).st_mode)
+    except FileNotFoundError:
+        kind = "a symbolic link to nothing" if out.is_symlink() else None
+    if kind is not None:
+        raise UserError(f"--out {out} is {kind}, not a directory; give a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace the artifact there")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temporary_directory(out)
     try:
         net.save_pretrained(tmp)
         card = tmp / "README.md"
@@ -463,8 +466,9 @@ def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = Fals
         if not out.exists():
             os.replace(tmp, out)
         else:
-            for item in sorted(tmp.iterdir()):
-                os.replace(item, out / item.name)
+            for item in sorted(tmp.iterdir()):  # each file as any output (never over a FIFO or a device)
+                with atomic_path(out / item.name) as dst:
+                    shutil.copyfile(item, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
