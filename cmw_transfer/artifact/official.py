@@ -34,6 +34,7 @@ from cmw_transfer.artifact.curves import family_names
 from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.artifact.scales import fit_scale_centers
 from cmw_transfer.errors import UserError
+from cmw_transfer.untrusted import quiet_warnings
 
 KINDS = ("official-cmwnet", "official-mwnet")
 METHODS = ("cmwnet", "cmwnet-sl", "mwnet")
@@ -106,7 +107,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if size > MAX_FILE_BYTES:
         raise UserError(f"{path} is {size} bytes: far too large for a weighting net (the authors' is ~3 KB)")
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with quiet_warnings():  # torch's "Detected pickle protocol 4" would precede the one error line
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path}: refused to load: it holds objects other than tensors and containers, so it is not "
                         f"a plain state_dict and was not unpickled ({_unpickler_reason(exc)})") from None
