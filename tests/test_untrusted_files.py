@@ -188,9 +188,12 @@ def evil_pickle(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["import", "--from", "official-cmwnet", "{pkl}", "--out", "{tmp}/imported"],
-                                  [*TINY_APPLY, "--initial-checkpoint", "{pkl}", "--out", "{tmp}/run"]],
-                         ids=["import", "apply--initial-checkpoint"])
+                                  [*TINY_APPLY, "--initial-checkpoint", "{pkl}", "--out", "{tmp}/run"],
+                                  [*TINY_APPLY, "--out", "{tmp}/planted", "--resume"]],
+                         ids=["import", "apply--initial-checkpoint", "apply--resume"])
 def test_a_refused_pickle_is_exactly_one_stderr_line(tmp_path, evil_pickle, args):
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / "checkpoint.pt").write_bytes(evil_pickle.read_bytes())  # a run dir from elsewhere
     proc = run_cli(*(a.format(pkl=evil_pickle, tmp=tmp_path) for a in args))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
