@@ -115,6 +115,23 @@ def test_a_symlink_to_a_non_regular_file_or_a_loop_is_refused(short_tmp):
         write_text(loop, "x")
 
 
+def test_import_never_replaces_a_fifo_in_or_as_its_out(tmp_path):
+    from cmw_transfer.artifact.official import save_official
+
+    out = tmp_path / "imported"
+    save_official(make_net(), out)
+    before = (out / "model.safetensors").read_bytes()
+    (out / "curves.png").unlink()
+    _fifo(out / "curves.png")
+    with pytest.raises(UserError, match=re.escape(f"cannot write {out / 'curves.png'}: it is a FIFO")):
+        save_official(make_net(seed=1), out, overwrite=True)
+    assert stat.S_ISFIFO(os.lstat(out / "curves.png").st_mode)
+    assert (out / "model.safetensors").read_bytes() == before  # all or nothing
+    with pytest.raises(UserError, match=re.escape(f"--out {out / 'curves.png'} is a FIFO (named pipe), not a dir")):
+        save_official(make_net(), out / "curves.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imported"]  # no temporary folder left behind
+
+
 @pytest.mark.parametrize("command", [
     ["data", "--dataset", "digits", "--plot"],
     ["inspect", "--weights", "pretrained:cmwnet-digits-pmd", "--plot"],

@@ -444,7 +444,7 @@ def _with_card_note(card: str, note: str) -> str:
 
 def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
     """``save_pretrained`` plus the origin section in the model card (and the curves plot), all-or-nothing."""
-    from cmw_transfer.atomic import atomic_path, file_kind, temporary_directory, write_text
+    from cmw_transfer.atomic import atomic_path, check_regular, file_kind, temporary_directory, write_text
 
     out = Path(out)
     try:
@@ -468,7 +468,10 @@ def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = Fals
         if not out.exists():
             os.replace(tmp, out)
         else:
-            for item in sorted(tmp.iterdir()):  # each file as any output (never over a FIFO or a device)
+            items = sorted(tmp.iterdir())
+            for item in items:  # every target first: a FIFO or device among them leaves the old artifact whole
+                check_regular(out / item.name)
+            for item in items:
                 with atomic_path(out / item.name) as dst:
                     shutil.copyfile(item, dst)
     finally:
