@@ -110,8 +110,11 @@ def test_integer_arrays_in_any_byte_order_load(tmp_path):
     b"cnumpy.core.multiarray\n_reconstruct\nc__builtin__\neval\nK\x00\x85U\x01b\x87R.",
     b"cnumpy\ndtype\nU\x02O8K\x00K\x01\x87R.",                                   # object dtype
     b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NN}NJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.",
+    b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R(K\x01"
+    b"\x8a\x06\x00\x00\x00\x00\x00\x01\x8a\x06\x00\x00\x00\x00\x00\x01\x86"        # shape (2^40, 2^40)
+    b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R\x89U\x00tb.",                                # and no data
 ], ids=["posix.system", "numpy.load", "multiarray.scalar", "codecs-zlib", "reconstruct-eval", "dtype-O",
-        "dtype-fields"])
+        "dtype-fields", "huge-shape"])
 def test_refused_globals_and_states(tmp_path, opcodes):
     write_cifar10(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "batches.meta"

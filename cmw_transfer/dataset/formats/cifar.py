@@ -15,6 +15,7 @@ Malformed content (string labels, a wrong shape, a non-dict) is one error line t
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -90,7 +91,7 @@ class _DTypeState:
             raise Refused(f"a dtype spec {repr(spec)[:40]}")
         try:
             self.dtype = np.dtype(spec)
-        except TypeError:
+        except (TypeError, ValueError):
             raise Refused(f"dtype {spec!r}") from None
         if self.dtype.kind not in "iu":
             raise Refused(f"dtype {spec!r} (only integer arrays are CIFAR data)")
@@ -119,7 +120,7 @@ class _ArrayState:
                 and isinstance(state[3], bytes) and self.array is None):
             raise Refused(f"an array state {repr(state)[:60]}")
         shape, dtype = tuple(int(n) for n in state[0]), state[1].dtype
-        if len(state[3]) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        if len(state[3]) != math.prod(shape) * dtype.itemsize:
             raise Refused(f"an array of shape {shape} with {len(state[3])} bytes of data")
         self.array = np.frombuffer(state[3], dtype=dtype).reshape(shape, order="F" if state[2] else "C")
 
