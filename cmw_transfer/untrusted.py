@@ -90,64 +90,71 @@ def quiet_warnings() -> Iterator[None]:
         yield
 
 
-def _header(path: Path, label: str) -> dict[str, Any]:
-    """The parsed JSON header of a safetensors file, bounded before it is read."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise UserError(f"{label}: {size} bytes is too short for a safetensors file (it starts with an "
-                                "8-byte header length)")
-            length = int.from_bytes(prefix, "little")
-            if length > MAX_HEADER_BYTES:
-                raise UserError(f"{label}: its safetensors header claims {length} bytes, over the "
-                                f"{MAX_HEADER_BYTES}-byte limit: the file is corrupt or hostile")
-            if length > size - 8:
-                raise UserError(f"{label}: its safetensors header claims {length} bytes but only {size - 8} follow: "
-                                "the file is truncated or corrupt")
-            raw = fh.read(length)
-    except OSError as exc:
-        raise UserError(f"cannot read {label}: {exc.strerror or exc}") from None
+class _UnreadableError(Exception):
+    """Why a file is not a safetensors file this toolkit will parse."""
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The parsed JSON header of a safetensors file, bounded before it is read; raises :class:`_UnreadableError`."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise _UnreadableError(f"{size} bytes is too short: the file starts with an 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            raise _UnreadableError(f"its header claims {length} bytes, over the {MAX_HEADER_BYTES}-byte limit: "
+                                   "the file is corrupt or hostile")
+        if length > size - 8:
+            raise _UnreadableError(f"its header claims {length} bytes but only {size - 8} follow: the file is "
+                                   "truncated or corrupt")
+        raw = fh.read(length)
     try:
         header = loads(raw)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{label}: the safetensors header is not valid JSON ({exc.msg})") from None
+        raise _UnreadableError(f"the header is not valid JSON ({exc.msg})") from None
     if not isinstance(header, dict):
-        raise UserError(f"{label}: the safetensors header is not a JSON object")
-    metadata = header.get("__metadata__", {})
-    if metadata is None:
-        metadata = {}
+        raise _UnreadableError("the header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in metadata.items()):
-        raise UserError(f"{label}: the safetensors metadata must map strings to strings")
+        raise _UnreadableError("its metadata must map strings to strings")
     for key, value in metadata.items():
         if len(value) > MAX_METADATA_CHARS:
-            raise UserError(f"{label}: metadata {shorten(key, 60)!r} is {len(value)} characters long, over the "
-                            f"{MAX_METADATA_CHARS}-character limit")
+            raise _UnreadableError(f"metadata {shorten(key, 60)!r} is {len(value)} characters long, over the "
+                                   f"{MAX_METADATA_CHARS}-character limit")
     return header
 
 
-def safetensors_metadata(path: str | os.PathLike, label: str | None = None) -> dict[str, str]:
-    """The header's ``__metadata__`` (string -> string), bounded and validated; no tensor is read."""
+def _refusal(label: str, reason: str, hint: str) -> UserError:
+    return UserError(f"{label} is not a readable safetensors file ({reason}){': ' + hint if hint else ''}")
+
+
+def safetensors_metadata(path: str | os.PathLike, label: str | None = None, hint: str = "") -> dict[str, str]:
+    """The header's ``__metadata__`` (string -> string), bounded and validated; no tensor is read. ``label``
+    names the file in errors (default: the path); ``hint`` (what to do) ends a refusal."""
     path = Path(path)
-    return dict(_header(path, label or str(path)).get("__metadata__") or {})
+    label = label or str(path)
+    try:
+        return dict(_header(path).get("__metadata__") or {})
+    except _UnreadableError as exc:
+        raise _refusal(label, str(exc), hint) from None
+    except OSError as exc:
+        raise UserError(f"cannot read {label}: {exc.strerror or exc}") from None
 
 
 def read_safetensors(path: str | os.PathLike, label: str | None = None,
                      hint: str = "") -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata, tensors) of a safetensors file: the header is bounded here, then safetensors reads the tensors.
-    ``label`` names the file in errors (default: the path); ``hint`` is appended to a refusal by safetensors."""
+    ``label`` and ``hint`` as in :func:`safetensors_metadata`."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     label = label or str(path)
-    metadata = safetensors_metadata(path, label)
+    metadata = safetensors_metadata(path, label, hint)
     try:
         with safe_open(str(path), framework="pt") as fh:
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise UserError(f"{label} is not a readable safetensors file ({detail}){': ' + hint if hint else ''}") \
-            from None
+        raise _refusal(label, " ".join(str(exc).split())[:200], hint) from None
     return metadata, tensors

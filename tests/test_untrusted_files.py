@@ -93,11 +93,13 @@ def _edit_config(edit, depth: int = 0):
 
 
 @pytest.mark.parametrize(("damage", "message"), [
-    (lambda p: _set_length(p, 2**62), "header claims 4611686018427387904 bytes, over the 104857600-byte limit"),
+    (lambda p: _set_length(p, 2**62),
+     "not a readable safetensors file \\(its header claims 4611686018427387904 bytes, over the 104857600-byte limit"),
     (lambda p: _set_length(p, 2**20), "only .* follow: the file is truncated"),
-    (lambda p: p.write_bytes(b"\x01\x02"), "too short for a safetensors file"),
-    (lambda p: _rewrite_header(p, lambda h: h.update(__metadata__={"a": 5})), "must map strings to strings"),
-    (lambda p: _rewrite_header(p, lambda h: h.update(x=DEEP), 30_000), "not valid JSON \\(nested deeper than 64"),
+    (lambda p: p.write_bytes(b"\x01\x02"), "2 bytes is too short"),
+    (lambda p: _rewrite_header(p, lambda h: h.update(__metadata__={"a": 5})), "metadata must map strings to strings"),
+    (lambda p: _rewrite_header(p, lambda h: h.update(x=DEEP), 30_000),
+     "header is not valid JSON \\(nested deeper than 64"),
     (lambda p: _rewrite_header(p, _edit_config(lambda c: c.update(provenance={"x": DEEP}), 30_000)),
      "config in the header is not valid JSON \\(nested deeper than 64 levels\\)"),
 ])
