@@ -38,21 +38,21 @@ class Payload:
 
 
 def _cifar(root: Path) -> None:
+    """One folder per file kind: the clean fixture with that file replaced by a payload as its first key (the
+    rest of the batch does not matter: a reader that runs code has run it by then); and string labels."""
     sys.path.insert(0, str(ROOT))
-    from tests.fixtures_data import py2_pickle, write_cifar10, write_cifar100
+    from tests.fixtures_data import cifar_images, py2_pickle, write_cifar10, write_cifar100
 
     clean = root / "clean"
     write_cifar10(clean)
     write_cifar100(clean)
     for kind, (_, folder, file) in CIFAR_KINDS.items():
         shutil.copytree(clean / folder, root / kind / folder)
-        path = root / kind / folder / file
-        batch = pickle.loads(path.read_bytes(), encoding="bytes")  # our own fixture
-        path.write_bytes(pickle.dumps({b"x": Payload(f"{MARK}-{kind}"), **batch}, protocol=2))
+        batch = {b"x": Payload(f"{MARK}-{kind}"), b"data": cifar_images(2, 0), b"labels": [0, 1]}
+        (root / kind / folder / file).write_bytes(pickle.dumps(batch, protocol=2))
     shutil.copytree(clean / "cifar-10-batches-py", root / "c10-str-labels" / "cifar-10-batches-py")
-    path = root / "c10-str-labels" / "cifar-10-batches-py" / "data_batch_2"
-    batch = pickle.loads(path.read_bytes(), encoding="bytes")
-    path.write_bytes(py2_pickle({**batch, b"labels": [str(v).encode() for v in batch[b"labels"]]}))
+    batch = {b"data": cifar_images(20, 2), b"labels": [str(i % 10).encode() for i in range(20)]}
+    (root / "c10-str-labels" / "cifar-10-batches-py" / "data_batch_2").write_bytes(py2_pickle(batch))
 
 
 def _header_text(path: Path, edit, nest: int = 0) -> None:
