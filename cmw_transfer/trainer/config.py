@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from cmw_transfer.errors import UserError
 from cmw_transfer.parsing import check_int_sequence, parse_name_list, parse_named_specs
 from cmw_transfer.trainer.defaults import MIXUP_ALPHA, TEACHER_DECAY
+from cmw_transfer.untrusted import loads
 
 # torch-free on purpose: the CLI builds its option tables from this module, so `--help` never imports torch.
 NORMALIZATIONS = ("batch", "sum", "none")
@@ -138,8 +139,10 @@ def load_config_text(text: str, path: Path) -> Any:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        except RecursionError:  # PyYAML's composer recurses: a 30,000-deep nest
+            raise UserError(f"--config {path}: not valid YAML (nested too deep)") from None
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"--config {path}: not valid JSON ({exc})") from None
 
