@@ -109,9 +109,12 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--curves", default=None, metavar="DIR",
               help="With a CurveNet --weights: the loss curves of this data, from cmw-transfer probe (same "
                    "--dataset/--noise/--imbalance/--seed, the net's probe schedule).")
-@click.option("--dataset", required=True, metavar="SPEC", help="Target dataset: digits, cifar10, webvision-full, "
-                                                                 "list:PATH, folder:PATH, ... (see cmw-transfer data).")
-@click.option("--data-dir", "--data-root", "data_root", default=None, metavar="DIR", help="Dataset root folder.")
+@click.option("--dataset", required=True, metavar="SPEC", help="Target dataset: digits, fashion-mnist, cifar10, "
+                                                                 "webvision-full, list:PATH, folder:PATH, ... (see "
+                                                                 "cmw-transfer data).")
+@click.option("--data-dir", "--data-root", "data_root", default=None, metavar="DIR",
+              help="Dataset root folder (fashion-mnist: --data-dir, then CMW_DATA_DIR, then FashionMNIST/raw under "
+                   "either, then /usr/share/datasets/fashion-mnist).")
 @click.option("--noise", default=None, metavar="SPEC", help="Inject label noise, e.g. asym:0.4 or sym:0.4+asym:0.2.")
 @click.option("--imbalance", type=IMBALANCE, default=None, help="Long-tail imbalance factor to inject (e.g. 10).")
 @click.option("--out", required=True, metavar="DIR", help="Run directory (checkpoint, metrics, families, summary).")

@@ -138,7 +138,7 @@ class LabeledDataset(Dataset):
 
 
 class InMemoryDataset(LabeledDataset):
-    """Images held in one array: float CHW in [0, 1] (digits) or uint8 HWC (CIFAR).
+    """Images held in one array: float CHW in [0, 1] (digits) or uint8 HWC (CIFAR, the MNIST family with C = 1).
 
     Without a transform a sample is a float32 CHW tensor in [0, 1]; with one, the transform gets a PIL image
     (RGB, like torchvision's CIFAR datasets and decoded files), so timm transforms work unchanged.
@@ -169,8 +169,8 @@ class InMemoryDataset(LabeledDataset):
         if self.transform is not None:
             from PIL import Image
 
-            if x.dtype == np.uint8:
-                img = Image.fromarray(x)
+            if x.dtype == np.uint8:  # grey (H x W x 1) becomes RGB, like a decoded grey file
+                img = Image.fromarray(x[:, :, 0]).convert("RGB") if x.shape[2] == 1 else Image.fromarray(x)
             else:
                 gray = Image.fromarray(np.clip(x[0] * 255.0 + 0.5, 0, 255).astype(np.uint8))
                 img = gray.convert("RGB")  # like a decoded file, so ImageNet-style transforms apply
