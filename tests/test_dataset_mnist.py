@@ -230,3 +230,41 @@ def test_truncated_copies_of_the_real_files(fashion_dir, tmp_path, no_env, cut):
         create_dataset("fashion-mnist", tmp_path)
     assert str(path) in str(err.value)
     assert len(create_dataset("fashion-mnist", tmp_path, "test")) == 10000  # the test split is intact
+
+
+def test_apply_defaults_follow_the_dataset(tmp_path, no_env, capsys):
+    """Unset options take the dataset's defaults (lenet, lr 0.05, 15 epochs); the command line and --config win."""
+    from cmw_transfer.trainer.config import apply_defaults_for
+
+    write_all(tmp_path / "data", n=40)
+    base = ["apply", "--weighting", "none", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"),
+            "--batch-size", "16", "--workers", "0", "--no-progress"]
+    code, _, err = call_main([*base, "--epochs", "1", "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (saved["model"], saved["lr"], saved["epochs"]) == ("lenet", 0.05, 1)
+    saved["model"], saved["lr"] = "small_cnn", 0.02
+    (tmp_path / "edited.json").write_text(json.dumps(saved))
+    code, _, err = call_main([*base, "--config", str(tmp_path / "edited.json"), "--lr", "0.03",
+                              "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    replay = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (replay["model"], replay["lr"], replay["epochs"]) == ("small_cnn", 0.03, 1)
+    assert apply_defaults_for("fashion-mnist-pmd") == {"model": "lenet", "epochs": 15, "lr": 0.05}
+    assert apply_defaults_for("digits") == {} and apply_defaults_for("cifar10") == {}
+
+
+def test_real_data_tests_skip_naming_the_install_command_and_fail_in_ci(tmp_path, no_env, monkeypatch):
+    from tests.realdata import REQUIRE, fashion_mnist_dir
+
+    monkeypatch.delenv(REQUIRE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"apt-get install -y dataset-fashion-mnist"):
+        fashion_mnist_dir()
+    monkeypatch.setenv(REQUIRE, "1")
+    with pytest.raises(pytest.fail.Exception, match=r"CMW_REQUIRE_REAL_DATA=1 but this test needs"):
+        fashion_mnist_dir()
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert ci.index(f"export {REQUIRE}=1") < ci.index(".venv/bin/python -m pytest")
+    write_all(tmp_path)
+    monkeypatch.setenv("CMW_DATA_DIR", str(tmp_path))
+    assert fashion_mnist_dir() == tmp_path
