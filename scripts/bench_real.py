@@ -9,6 +9,8 @@
    (a meta step every ``meta_interval`` iterations).
 3. **loader vs a bare TensorDataset loop**: images/s of the apply loader (uint8 store, float per sample, default
    workers) against ``DataLoader(TensorDataset(x, y, i), shuffle=True)`` over the same images as float tensors.
+4. **load** (``--only load``): reading and validating the four gzipped idx files of the train split (60,000 images).
+5. **eta** (``--only eta``): PMD's pooled-knn eta for the 60,000 training images, uncached (one run: it is long).
 
 Every figure is a median over interleaved repeats, in wall-clock time and in CPU time (this process's threads,
 plus its DataLoader workers' read from /proc): the machine is shared, so ratios and CPU times are the numbers to
@@ -203,6 +205,26 @@ def bench_loader(args: argparse.Namespace, workers: int) -> None:
         print(f"| {name} | {images / wall:.0f} | {cpu:.2f} | {images / wall / base:.2f} |")
 
 
+def bench_load(args: argparse.Namespace) -> None:
+    from cmw_transfer.dataset.formats import mnist
+
+    runs = [timed(lambda: len(mnist.load("fashion-mnist", None, "train"))) for _ in range(args.repeats + 1)][1:]
+    walls, cpus = [r[0] for r in runs], [r[1] for r in runs]
+    print(f"\n### load: the train split (60,000 images + labels, idx, gzipped), {args.repeats} repeats\n")
+    print(f"median {statistics.median(walls):.2f} s wall (min {min(walls):.2f}), {statistics.median(cpus):.2f} s CPU")
+
+
+def bench_eta() -> None:
+    from cmw_transfer.bias import estimate_eta
+    from cmw_transfer.dataset import create_dataset
+
+    ds = create_dataset("fashion-mnist")
+    with tempfile.TemporaryDirectory() as empty:  # a fresh cache: computed, not read
+        wall, cpu, _ = timed(lambda: len(estimate_eta(ds, cache_dir=empty)))
+    print(f"\n### eta: pooled-knn on the 60,000 training images, uncached, {torch.get_num_threads()} threads\n")
+    print(f"{wall:.1f} s wall, {cpu:.1f} s CPU")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -211,11 +233,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weights", default="pretrained:cmwnet-fashion-mnist-pmd")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the CLI)")
-    parser.add_argument("--only", default="apply,metatrain,loader", help="which sections, comma-separated")
+    parser.add_argument("--only", default="load,eta,apply,metatrain,loader",
+                        help="which sections, comma-separated")
     args = parser.parse_args()
     configure_threads(args.threads, 1)
     workers = default_workers(1)
     sections = {s.strip() for s in args.only.split(",")}
+    if "load" in sections:
+        bench_load(args)
+    if "eta" in sections:
+        bench_eta()
     with tempfile.TemporaryDirectory() as tmp:
         if "apply" in sections:
             bench_apply(args, workers, Path(tmp))
