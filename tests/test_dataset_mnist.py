@@ -268,3 +268,35 @@ def test_real_data_tests_skip_naming_the_install_command_and_fail_in_ci(tmp_path
     write_all(tmp_path)
     monkeypatch.setenv("CMW_DATA_DIR", str(tmp_path))
     assert fashion_mnist_dir() == tmp_path
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "digits"])
+def test_batched_fetch_equals_one_sample_at_a_time(tmp_path, no_env, name):
+    """The DataLoader's batched path (``__getitems__``) gives the same bits as ``ds[i]``, for uint8 and float stores."""
+    from torch.utils.data import DataLoader
+
+    write_all(tmp_path, n=30)
+    ds = create_dataset(name, tmp_path if name != "digits" else None, noise="sym:0.5", imbalance=2)
+    idx = [7, 0, 3, 3, len(ds) - 1]
+    for (xa, ya, ia), (xb, yb, ib) in zip(ds.__getitems__(idx), [ds[i] for i in idx], strict=True):
+        assert torch.equal(xa, xb) and (ya, ia) == (yb, ib) and isinstance(ya, int)
+    x, y, _ = next(iter(DataLoader(ds, batch_size=len(ds))))
+    assert torch.equal(x, torch.stack([ds[k][0] for k in range(len(ds))]))
+    assert torch.equal(y, torch.as_tensor(ds.targets))
+
+
+def test_worker_loader_fetches_whole_batches_with_the_same_result(tmp_path, no_env):
+    """With workers the loader wraps the set (per-sample seeding); a transform-free in-memory set is still fetched
+    a batch at a time, and the batches equal the main-process loader's."""
+    from cmw_transfer.trainer.common import make_loader
+
+    write_all(tmp_path, n=40)
+    ds = create_dataset("fashion-mnist", tmp_path, noise="sym:0.3")
+    batches = []
+    for workers in (0, 1):
+        loader = make_loader(ds, 8, train=True, workers=workers, seed=3, distributed=False)
+        loader.set_epoch(2)
+        batches.append(list(loader))
+        assert workers == 0 or hasattr(loader.dataset, "__getitems__")
+    for (xa, ya, ia), (xb, yb, ib) in zip(*batches, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)

@@ -34,9 +34,9 @@ def test_short_apply_with_the_shipped_net(fashion_dir, tmp_path, capsys):
 
 def test_few_hundred_meta_train_iterations(fashion_dir, tmp_path, capsys):
     out = tmp_path / "net"
-    code, stdout, err = call_main(["metatrain", "--src", "fashion-mnist", "--imbalance", "50", "--noise", "asym:0.4",
-                                   "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "64", "--threads", "1",
-                                   "--quiet", "--json", "--out", str(out)], capsys)
+    code, _, err = call_main(["metatrain", "--src", "fashion-mnist", "--imbalance", "50", "--noise", "asym:0.4",
+                              "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "64", "--threads", "1",
+                              "--quiet", "--json", "--out", str(out)], capsys)
     assert code == 0, err
     run = json.loads((out / "run.json").read_text())
     assert (run["model"], run["meta_set"], run["meta_interval"]) == ("lenet", "clean:100", 5)  # the recipe
