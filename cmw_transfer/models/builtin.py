@@ -128,8 +128,9 @@ class SmallCNN(PooledClassifier):
 class LeNet(nn.Module):
     """LeNet's shape for 28x28 grey images: two 3x3 conv blocks (BN, ReLU, 2x2 max-pool) and a two-layer head.
 
-    Sized for one epoch of 60,000 Fashion-MNIST images in well under 30 s on 2 CPU cores: about 4,300 images/s
-    training at batch 128 (5x5 convolutions measured 2.5x slower for no gain here). timm's interface:
+    Sized for CPUs: an epoch of 60,000 Fashion-MNIST images at batch 128 costs about 25 s of one CPU thread,
+    loader included (``scripts/bench_real.py``); 3x3 rather than LeNet's 5x5 kernels, which train 2.5x slower.
+    timm's interface:
     ``forward_features`` is the ``2w x 7 x 7`` map (any other size is average-pooled to 7 x 7 in the head),
     ``forward_head(pre_logits=True)`` the ReLU'd ``hidden`` layer (``num_features``), ``get_classifier`` the last
     linear layer, and ``group_matcher`` gives stem / conv block / hidden layer / classifier for SLMO and FaMUS.
