@@ -14,7 +14,7 @@ then be there):
 ``ROOT/MNIST/raw``, ``ROOT/KMNIST/raw``), 4. for Fashion-MNIST only, the Debian package's folder
 ``/usr/share/datasets/fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``).
 
-Images stay uint8 in memory (``N x 28 x 28 x 1``, 47 MB for 60,000); a sample becomes a float tensor only when it
+Images stay uint8 in memory (``N x 28 x 28 x 1``, 47 MB for 60,000); a batch becomes float tensors only when it
 is loaded, so views and subsets never copy the images.
 """
 
