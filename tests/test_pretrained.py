@@ -31,7 +31,7 @@ FASHION_META_SOURCE = "c039de7cbc4ebb47"
 # The Fashion-MNIST nets take about 10 minutes each to regenerate (one thread): only with this variable set
 # (.ci/run sets it).
 FASHION_REGEN = "CMW_TEST_FASHION_REGEN"
-FASHION_CURVE_TOLERANCE = 0.15  # @@ measured: see README
+FASHION_CURVE_TOLERANCE = 0.15  # as digits; measured 0.074 (AUC 0.0096) on ATen's default kernels vs AVX-512
 
 
 @pytest.mark.parametrize("name", SHIPPED)
