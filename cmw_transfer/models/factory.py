@@ -3,7 +3,8 @@ an initial checkpoint as in timm's ``train.py``).
 
 Built-ins: ``cifar_resnet32`` / ``cifar_resnet20`` are the papers' CIFAR ResNets with option-A (parameter-free,
 zero-padded) shortcuts, the MW-Net / CMW-Net backbone (ResNet-32: 0.46M parameters); ``cifar_resnet32b`` /
-``cifar_resnet20b`` are the option-B variants (1x1 conv + BN projection shortcuts); ``small_cnn`` is the digits CNN.
+``cifar_resnet20b`` are the option-B variants (1x1 conv + BN projection shortcuts); ``small_cnn`` is the digits CNN;
+``lenet`` the LeNet-style CNN for 28x28 grey images (Fashion-MNIST's default).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.models.builtin import CifarResNet, SmallCNN
+from cmw_transfer.models.builtin import CifarResNet, LeNet, SmallCNN
 from cmw_transfer.models.geometry import check_geometry
 from cmw_transfer.untrusted import quiet_warnings, read_safetensors
 
@@ -31,6 +32,7 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet32b": lambda num_classes, in_chans: CifarResNet(32, num_classes, in_chans, shortcut="B"),
     "cifar_resnet20b": lambda num_classes, in_chans: CifarResNet(20, num_classes, in_chans, shortcut="B"),
     "small_cnn": lambda num_classes, in_chans: SmallCNN(num_classes, in_chans),
+    "lenet": lambda num_classes, in_chans: LeNet(num_classes, in_chans),
 }
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
