@@ -34,3 +34,21 @@ fi
 out=$("$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1) || { echo "$out" >&2; exit 1; }
 ln -sfn "$venv" .venv
 echo "bootstrap: .venv -> $venv" >&2
+
+# The real-data tests (pytest -m real_data) read Fashion-MNIST's original files: install Debian's package where this
+# user can (root, apt-get); anywhere else they skip, naming the command.
+if .venv/bin/python -c 'from cmw_transfer.dataset.formats.mnist import find_files; find_files("fashion-mnist", None, "train")' \
+    >/dev/null 2>&1; then
+  echo "bootstrap: Fashion-MNIST files found (real-data tests will run)" >&2
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing dataset-fashion-mnist with apt-get for the real-data tests" >&2
+  if { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } \
+      >/dev/null 2>&1; then
+    echo "bootstrap: Fashion-MNIST installed in /usr/share/datasets/fashion-mnist" >&2
+  else
+    echo "bootstrap: could not install dataset-fashion-mnist; the real-data tests will skip" >&2
+  fi
+else
+  echo "bootstrap: Fashion-MNIST not installed (as root: apt-get install -y dataset-fashion-mnist); the real-data" \
+       "tests will skip" >&2
+fi

@@ -9,8 +9,8 @@ Prints one line per case and the pass/fail/skip counts; exits 1 if any case fail
     python scripts/fuzz_cli.py -k lr -v     # cases whose id contains "lr", with their stderr
     python scripts/fuzz_cli.py --list       # the catalogue, without running it
 
-Cases that need a small tmpfs (full disk, read-only mount) run only where ``mount -t tmpfs`` works (root);
-elsewhere they are reported as skipped.
+Cases that need a small tmpfs (full disk, read-only mount) run only where ``mount -t tmpfs`` works (root), and
+those that need a device node only where ``mknod`` works (root); elsewhere they are reported as skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import fuzz_hostile  # noqa: E402  (the fixtures of the issue-22 block)
+
 TINY_APPLY = ("apply", "--dataset", "digits", "--weighting", "none", "--model", "small_cnn", "--epochs", "1",
               "--workers", "0", "--no-progress", "--device", "cpu")
 TINY_METATRAIN = ("metatrain", "--src", "digits-pmd", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
@@ -48,7 +51,7 @@ class Case:
     forbid: tuple[str, ...] = ()  # must not appear in stdout or stderr
     fast: bool = False  # in the --fast subset
     item: str = ""  # where the case comes from (issue item), for the report
-    needs: str = ""  # "tmpfs": needs the small file systems
+    needs: str = ""  # "tmpfs": needs the small file systems; "mknod": a device node (both root only)
     only_line: bool = True  # the error line is the only stderr line (else: the last one, after progress lines)
     timeout: int = 300
     env: tuple[tuple[str, str], ...] = ()  # extra environment ({hang}: a local server that never answers)
@@ -248,6 +251,55 @@ CATALOGUE: tuple[Case, ...] = (
          match="classes use heads [1]", forbid=("placed on heads",), item="22.9"),
     Case("metatrain-missing-list-is-not-found", (*_META[:2], "list:{ws}/lists/nope.txt", *_META[3:]),
          match="nope.txt not found", item="22.9"),
+    # == issue 22 (security): no code runs from data, no write replaces what is not a file, every hostile file is
+    # one line. Fixtures: scripts/fuzz_hostile.py; a payload prints PWNED-<kind> if it ever runs.
+    # -- a pickle payload in each CIFAR file kind, through data / metatrain / apply (22.1)
+    *(Case(f"data-cifar-payload-{kind}", ("data", "--dataset", dataset, "--data-dir", f"{{ws}}/cifar/{kind}",
+                                          "--split", "test" if file in ("test", "test_batch") else "train"),
+           match=f"{file}: refused to load it", forbid=(fuzz_hostile.MARK,), fast=True, item="22.1")
+      for kind, (dataset, _, file) in fuzz_hostile.CIFAR_KINDS.items()),
+    Case("metatrain-cifar10-pmd-payload", (*TINY_METATRAIN[:2], "cifar10-pmd", *TINY_METATRAIN[3:], "--data-dir",
+                                           "{ws}/cifar/c10-train", "--out", "{ws}/runs/{case}"),
+         match="data_batch_1: refused to load it", forbid=(fuzz_hostile.MARK,), fast=True, item="22.1"),
+    Case("apply-cifar10-payload-test-batch", (*_apply()[:2], "cifar10", *_apply()[3:], "--data-dir",
+                                              "{ws}/cifar/c10-test"),
+         match="test_batch: refused to load it", forbid=(fuzz_hostile.MARK,), fast=True, item="22.1"),
+    Case("data-cifar-string-labels", ("data", "--dataset", "cifar10", "--data-dir", "{ws}/cifar/c10-str-labels"),
+         match="data_batch_2: b'labels' must be a list of integer labels", item="22.6"),
+    # -- an output that is a device node or a FIFO: refused, left as it is (22.2)
+    Case("data--plot-device-node", ("data", "--dataset", "digits", "--plot", "{dev}"), match="a character device",
+         fast=True, needs="mknod", item="22.2"),
+    Case("inspect--plot-device-node", ("inspect", "--weights", "{ws}/nets/good", "--plot", "{dev}"),
+         match="a character device", fast=True, needs="mknod", item="22.2"),
+    Case("data--plot-fifo", ("data", "--dataset", "digits", "--plot", "{fifo}"), match="a FIFO", item="22.2"),
+    Case("inspect--plot-fifo", ("inspect", "--weights", "{ws}/nets/good", "--plot", "{fifo}"), match="a FIFO",
+         item="22.2"),
+    Case("apply--out-file-is-a-fifo", (*_apply()[:-2], "--out", "{ws}/fifo_run", "--overwrite"),
+         match="fifo_run/config.json: it is a FIFO", only_line=False, item="22.2"),
+    Case("apply--out-file-is-a-device", (*_apply()[:-2], "--out", "{ws}/dev_run", "--overwrite"),
+         match="dev_run/config.json: it is a character device", only_line=False, needs="mknod", item="22.2"),
+    # -- nesting and size in artifact metadata; one safetensors reader (22.3, 22.4)
+    Case("inspect-deep-provenance", ("inspect", "--weights", "{ws}/nets/deep_provenance"),
+         match="nested deeper than 64 levels", item="22.3"),
+    Case("inspect-deep-header", ("inspect", "--weights", "{ws}/nets/deep_header"), match="nested deeper than 64",
+         item="22.3"),
+    Case("inspect-deep-config.json", ("inspect", "--weights", "{ws}/nets/deep_config_json"),
+         match="config.json is not valid JSON (nested deeper", item="22.3"),
+    Case("apply-weights-deep-provenance", _apply("--weighting", "cmw", "--weights", "{ws}/nets/deep_provenance"),
+         match="nested deeper than 64 levels", item="22.3"),
+    Case("inspect-1MB-provenance", ("inspect", "--weights", "{ws}/nets/long_provenance"), expect="ok",
+         match="... (1000000 characters)", forbid=("n" * 300,), item="22.3"),
+    Case("inspect-header-2^62", ("inspect", "--weights", "{ws}/nets/huge_header"),
+         match="header claims 4611686018427387904 bytes", item="22.4"),
+    Case("apply--initial-checkpoint-header-2^62", _apply("--initial-checkpoint",
+                                                         "{ws}/nets/huge_header/model.safetensors"),
+         match="header claims 4611686018427387904 bytes", item="22.4"),
+    # -- torch's "Detected pickle protocol 4" warning before the error line (22.8)
+    Case("import-pickle-protocol-4", ("import", "--from", "official-cmwnet", "{ws}/evil.pkl", "--out",
+                                      "{ws}/runs/{case}"), match="refused to load", forbid=(fuzz_hostile.MARK,),
+         item="22.8"),
+    Case("apply--initial-checkpoint-pickle-protocol-4", _apply("--initial-checkpoint", "{ws}/evil.pkl"),
+         match="does not load into", forbid=(fuzz_hostile.MARK,), item="22.8"),
 )
 
 
@@ -411,8 +463,10 @@ def workspace(need_tmpfs: bool) -> Iterator[dict[str, str]]:
         (ws / "configs").mkdir()
         (ws / "configs" / "subnormal_lr.json").write_text('{"dataset": "digits", "out": "x", "lr": 1e-320}')
         _write_resume_run(ws / "resume_run")
+        hostile = fuzz_hostile.write(ws)
         with contextlib.ExitStack() as stack:
-            places = {"ws": str(ws), "ro": "", "full": "", "small": "", "hang": stack.enter_context(_silent_server())}
+            places = {"ws": str(ws), "ro": "", "full": "", "small": "", **hostile,
+                      "hang": stack.enter_context(_silent_server())}
             if need_tmpfs:
                 ok = [stack.enter_context(_tmpfs(ws / "ro", "64k", "ro")),
                       stack.enter_context(_tmpfs(ws / "full", "64k")),
@@ -464,6 +518,8 @@ def judge(case: Case, rc: int, out: str, err: str) -> str:
 def run_case(case: Case, places: dict[str, str]) -> Outcome:
     if case.needs == "tmpfs" and not places["ro"]:
         return Outcome(case, "SKIP", "no tmpfs (mount -t tmpfs needs root)", 0.0)
+    if case.needs == "mknod" and not places["dev"]:
+        return Outcome(case, "SKIP", "no device node (mknod needs root)", 0.0)
     args = [arg.format(**places, case="".join(ch if ch.isalnum() else "_" for ch in case.id)) for arg in case.args]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "NO_COLOR": "1",

@@ -4,6 +4,8 @@ import huggingface_hub
 import pytest
 import torch
 
+from tests.realdata import fashion_mnist_dir
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
@@ -24,3 +26,9 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def fashion_dir():
+    """The real Fashion-MNIST folder; the test skips without it (fails under CMW_REQUIRE_REAL_DATA=1)."""
+    return fashion_mnist_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,36 +26,134 @@ def write_broken_image(path: Path) -> Path:
     return path
 
 
-def _pickle(path: Path, obj: dict) -> None:
-    with open(path, "wb") as fh:
-        pickle.dump(obj, fh, protocol=2)
+def py2_pickle(obj: object) -> bytes:
+    """``obj`` as Python 2's cPickle wrote it with protocol 2, the format of the original CIFAR files.
+
+    bytes are py2 ``str`` (SHORT_BINSTRING / BINSTRING, no ``_codecs.encode``); str is ``unicode``; an ndarray is
+    ``numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), 'b')`` with the state ``(1, shape,
+    numpy.dtype('u1', 0, 1) + (3, '|', None, None, None, -1, -1, 0), False, raw bytes)``, as numpy 1.x wrote it;
+    memo puts as cPickle made them. Loaded with ``encoding="bytes"``, as the CIFAR readers do.
+    """
+    out, memo = bytearray(b"\x80\x02"), [0]
+
+    def put() -> None:
+        memo[0] += 1
+        out.extend(b"q" + bytes([memo[0]]) if memo[0] < 256 else b"r" + memo[0].to_bytes(4, "little"))
+
+    def string(data: bytes, keep: bool = True) -> None:
+        out.extend(b"U" + bytes([len(data)]) if len(data) < 256 else b"T" + len(data).to_bytes(4, "little"))
+        out.extend(data)
+        if keep and len(data) > 1:
+            put()
+
+    def integer(n: int) -> None:
+        if 0 <= n < 256:
+            out.extend(b"K" + bytes([n]))
+        elif 0 <= n < 65536:
+            out.extend(b"M" + n.to_bytes(2, "little"))
+        elif -2**31 <= n < 2**31:
+            out.extend(b"J" + n.to_bytes(4, "little", signed=True))
+        else:
+            raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+            out.extend(b"\x8a" + bytes([len(raw)]) + raw)
+
+    def save(value: object) -> None:
+        if isinstance(value, bool):
+            out.extend(b"\x88" if value else b"\x89")
+        elif isinstance(value, int):
+            integer(value)
+        elif isinstance(value, float):
+            out.extend(b"G" + struct.pack(">d", value))
+        elif value is None:
+            out.extend(b"N")
+        elif isinstance(value, bytes):
+            string(value)
+        elif isinstance(value, str):
+            data = value.encode("utf-8")
+            out.extend(b"X" + len(data).to_bytes(4, "little") + data)
+            put()
+        elif isinstance(value, tuple):
+            if len(value) <= 3:
+                for item in value:
+                    save(item)
+                out.extend([b")", b"\x85", b"\x86", b"\x87"][len(value)])
+            else:
+                out.extend(b"(")
+                for item in value:
+                    save(item)
+                out.extend(b"t")
+        elif isinstance(value, list | dict):
+            out.extend(b"]" if isinstance(value, list) else b"}")
+            put()
+            if value:
+                out.extend(b"(")
+                for item in value.items() if isinstance(value, dict) else value:
+                    for part in item if isinstance(value, dict) else (item,):
+                        save(part)
+                out.extend(b"e" if isinstance(value, list) else b"u")
+        elif isinstance(value, np.ndarray):
+            order, spec = value.dtype.str[0], value.dtype.str[1:]
+            out.extend(b"cnumpy.core.multiarray\n_reconstruct\n")
+            put()
+            out.extend(b"cnumpy\nndarray\n")
+            put()
+            out.extend(b"K\x00\x85")
+            string(b"b", keep=False)
+            out.extend(b"\x87R")
+            put()
+            out.extend(b"(K\x01")
+            save(tuple(int(n) for n in value.shape))
+            out.extend(b"cnumpy\ndtype\n")
+            put()
+            string(spec.encode(), keep=False)
+            out.extend(b"K\x00K\x01\x87R")
+            put()
+            out.extend(b"(K\x03")
+            string(order.encode(), keep=False)
+            out.extend(b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89")
+            string(np.ascontiguousarray(value).tobytes())
+            out.extend(b"tb")
+        else:
+            raise TypeError(f"py2_pickle: {type(value).__name__} is not in a CIFAR file")
+
+    save(obj)
+    out.extend(b".")
+    return bytes(out)
+
+
+def _pickle(path: Path, obj: dict, style: str = "py2") -> None:
+    """``py2``: the bytes of the original files (:func:`py2_pickle`); ``py3``: ``pickle.dump(protocol=2)`` as a
+    Python 3 re-pickle writes them (bytes through ``_codecs.encode``, ``numpy._core``)."""
+    path.write_bytes(py2_pickle(obj) if style == "py2" else pickle.dumps(obj, protocol=2))
 
 
 def cifar_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
 
 
-def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 10) -> dict:
-    """``cifar-10-batches-py`` with five training batches, a test batch and ``batches.meta`` (bytes keys)."""
+def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 10, style: str = "py2") -> dict:
+    """``cifar-10-batches-py`` with five training batches, a test batch and ``batches.meta`` (bytes keys);
+    ``style`` as in :func:`_pickle`."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     train_labels = []
     for b in range(1, 6):
         labels = [(b + i) % 10 for i in range(per_batch)]
         train_labels += labels
-        _pickle(folder / f"data_batch_{b}", {b"batch_label": f"training batch {b} of 5".encode(), b"labels": labels,
-                                             b"data": cifar_images(per_batch, b),
-                                             b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)]})
+        batch = {b"batch_label": f"training batch {b} of 5".encode(), b"labels": labels,
+                 b"data": cifar_images(per_batch, b),
+                 b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)]}
+        _pickle(folder / f"data_batch_{b}", batch, style)
     test_labels = [i % 10 for i in range(n_test)]
     test_data = cifar_images(n_test, 99)
     _pickle(folder / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels,
-                                    b"data": test_data, b"filenames": [b"t.png"] * n_test})
+                                    b"data": test_data, b"filenames": [b"t.png"] * n_test}, style)
     _pickle(folder / "batches.meta", {b"num_cases_per_batch": per_batch, b"num_vis": 3072,
-                                      b"label_names": [n.encode() for n in CIFAR10_NAMES]})
+                                      b"label_names": [n.encode() for n in CIFAR10_NAMES]}, style)
     return {"train_labels": train_labels, "test_labels": test_labels, "test_data": test_data}
 
 
-def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> dict:
+def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100, style: str = "py2") -> dict:
     """``cifar-100-python/{train,test,meta}`` with fine and coarse labels."""
     from cmw_transfer.bias.maps import CIFAR100_COARSE
 
@@ -65,10 +164,10 @@ def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> dict:
         fine = [i % 100 for i in range(n)]
         _pickle(folder / split, {b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": fine,
                                  b"coarse_labels": [int(CIFAR100_COARSE[f]) for f in fine],
-                                 b"data": cifar_images(n, 7)})
+                                 b"data": cifar_images(n, 7)}, style)
         out[f"{split}_labels"] = fine
     _pickle(folder / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                              b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+                              b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}, style)
     return out
 
 

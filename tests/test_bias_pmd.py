@@ -106,5 +106,5 @@ def test_estimate_eta_torch_path_on_a_small_image_dataset(tmp_path):
     assert eta.shape == (120, 3) and np.allclose(eta.sum(axis=1), 1.0)
     assert np.mean(eta.argmax(axis=1) == y) > 0.8
     assert len(list(tmp_path.glob("eta-*.npy"))) == 1
-    with pytest.raises(UserError, match="'auto', 'knn', 'torch'"):
+    with pytest.raises(UserError, match="'auto', 'knn', 'pooled-knn', 'torch'"):
         estimate_eta(ds, method="bogus")

@@ -64,8 +64,8 @@ def test_resolve_source_presets_and_extra_steps():
     assert resolve_source("list:/x/train.txt", "sym:0.2") == ("list:/x/train.txt", BiasSpec((("sym", 0.2),)))
     with pytest.raises(UserError, match="must come first"):
         resolve_source("digits-pmd", noise="pmd1:0.2")
-    with pytest.raises(UserError, match=r"unknown dataset 'mnist'; known: digits, cifar10, .*folder:PATH"):
-        resolve_source("mnist")
+    with pytest.raises(UserError, match=r"unknown dataset 'emnist'; known: digits, fashion-mnist, .*folder:PATH"):
+        resolve_source("emnist")
     with pytest.raises(UserError, match="needs a path"):
         resolve_source("list:")
     assert {"digits", "digits-pmd", "cifar10-pmd", "webvision-full", "mini-webvision", "imagenet-lt", "clothing1m",

@@ -59,7 +59,7 @@ def test_web_data_has_unknown_noise(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--dataset", "mnist"], "unknown dataset 'mnist'; known: digits"),
+    (["--dataset", "emnist"], "unknown dataset 'emnist'; known: digits"),
     (["--dataset", "digits", "--noise", "sym:1.5"], r"in [0, 1)"),
     (["--dataset", "digits", "--imbalance", "0.5"], "0.5 is not in the range x>=1.0"),
     (["--dataset", "webvision-full"], "needs --data-dir"),

@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cmw_transfer.artifact.curves import TABLE_LOSSES, curves_table, family_names
 from cmw_transfer.artifact.net import CMWNet
+from cmw_transfer.untrusted import loads
 
 PAPER_URL = "https://arxiv.org/abs/2202.05613"
 MWNET_PAPER_URL = "https://arxiv.org/abs/1902.07379"
@@ -131,7 +132,7 @@ def final_metrics(directory: Path) -> dict[str, Any] | None:
         return None
     for line in reversed(path.read_text(encoding="utf-8", errors="replace").splitlines()):
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict):

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
@@ -43,6 +42,7 @@ from cmw_transfer.artifact.fileformat import (
 from cmw_transfer.atomic import atomic_path, write_json
 from cmw_transfer.defaults import CURVENET_MODES
 from cmw_transfer.errors import UserError
+from cmw_transfer.untrusted import loads, safetensors_metadata
 
 METHOD = "curvenet"
 MODES = CURVENET_MODES
@@ -164,9 +164,8 @@ def artifact_method(spec: str) -> str | None:
         path = path / WEIGHTS_NAME
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            config = json.loads((fh.metadata() or {}).get(CONFIG_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError):
+    try:  # the bounded reader: a hostile header is reported by the CMW-Net loader that runs next
+        config = loads(safetensors_metadata(path).get(CONFIG_KEY, "{}"))
+    except (UserError, ValueError):
         return None
     return config.get("method") if isinstance(config, dict) else None

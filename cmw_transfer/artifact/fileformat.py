@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from cmw_transfer.artifact.net import FORMAT_VERSION, CMWNet
 from cmw_transfer.atomic import atomic_path
 from cmw_transfer.errors import UserError
+from cmw_transfer.untrusted import MAX_METADATA_CHARS, loads, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -63,7 +63,8 @@ def _fix_hint(path: Path) -> str:
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) of a safetensors file, with every failure turned into a UserError."""
+    """(config, tensors) of a safetensors file, with every failure turned into a UserError; the header and the
+    config JSON are bounded first (:mod:`cmw_transfer.untrusted`)."""
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():
@@ -71,17 +72,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                         "or a .safetensors file")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty: {_fix_hint(path)}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc}): {_fix_hint(path)}") from None
+    metadata, tensors = read_safetensors(path, hint=_fix_hint(path))
     if CONFIG_KEY not in metadata:
         raise UserError(f"{path} has no '{CONFIG_KEY}' in its header, so its centers and loss range are unknown: "
                         f"{_fix_hint(path)}")
     try:
-        config = json.loads(metadata[CONFIG_KEY])
+        config = loads(metadata[CONFIG_KEY])
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: the config in the header is not valid JSON ({exc.msg}): {_fix_hint(path)}") from None
     if not isinstance(config, dict):
@@ -100,19 +96,21 @@ def validate_config(config: dict[str, Any], *, source: str) -> None:
                         "(set them with CMWNet.with_scales)")
     version = config["format_version"]
     if not isinstance(version, int) or version < 1:
-        raise UserError(f"{source}: format_version must be a positive integer, got {version!r}")
+        raise UserError(f"{source}: format_version must be a positive integer, got {_short(version)}")
     if version > FORMAT_VERSION:
         raise UserError(f"{source}: format version {version} is newer than this cmw-transfer supports "
                         f"({FORMAT_VERSION}); upgrade cmw-transfer")
     hidden, heads = config["hidden_size"], config["num_heads"]
     if not all(isinstance(v, int) and v >= 1 for v in (hidden, heads)):
-        raise UserError(f"{source}: hidden_size and num_heads must be positive integers, got {hidden!r}, {heads!r}")
+        raise UserError(f"{source}: hidden_size and num_heads must be positive integers, got {_short(hidden)}, "
+                        f"{_short(heads)}")
     centers = config["centers"]
     if (not isinstance(centers, list) or len(centers) != heads
             or not all(isinstance(c, int | float) and math.isfinite(c) for c in centers)):
-        raise UserError(f"{source}: centers must be {heads} finite numbers (one per head), got {centers!r}")
+        raise UserError(f"{source}: centers must be {heads} finite numbers (one per head), got {_short(centers)}")
     if any(b <= a for a, b in zip(centers, centers[1:])):
-        raise UserError(f"{source}: centers must be strictly ascending (head i = i-th smallest), got {centers}")
+        raise UserError(f"{source}: centers must be strictly ascending (head i = i-th smallest), got "
+                        f"{_short(centers)}")
     provenance = config.get("provenance")
     if provenance is not None and not (isinstance(provenance, dict) and all(isinstance(k, str) for k in provenance)):
         raise UserError(f"{source}: provenance must be a JSON object (field -> value), got "
@@ -120,18 +118,25 @@ def validate_config(config: dict[str, Any], *, source: str) -> None:
     loss_range = config.get("loss_range")
     if loss_range is not None and (not isinstance(loss_range, dict) or not all(
             isinstance(v, int | float) and math.isfinite(v) for v in loss_range.values())):
-        raise UserError(f"{source}: loss_range must map names to finite numbers, got {loss_range!r}")
+        raise UserError(f"{source}: loss_range must map names to finite numbers, got {_short(loss_range)}")
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=True)
+    """A value from an untrusted config, for an error line: JSON, cut at ``limit`` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_side_config(path: Path) -> dict[str, Any]:
     """config.json as a dict; not UTF-8, not JSON or not an object (``5``, ``null``, a string) is a UserError."""
     try:
-        side = json.loads(path.read_bytes().decode("utf-8"))
+        raw = path.read_bytes()
+        if len(raw) > MAX_METADATA_CHARS:
+            raise UserError(f"{path} is {len(raw)} bytes, far more than a config: {_fix_hint(path.parent)}")
+        side = loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text: {_fix_hint(path.parent)}") from None
     except json.JSONDecodeError as exc:

@@ -22,7 +22,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from cmw_transfer.artifact.net import CMWNet
 from cmw_transfer.artifact.scales import fit_scale_centers
 from cmw_transfer.errors import UserError
 from cmw_transfer.parsing import parse_int_list
+from cmw_transfer.untrusted import quiet_warnings
 
 KINDS = ("official-cmwnet", "official-mwnet")
 METHODS = ("cmwnet", "cmwnet-sl", "mwnet")
@@ -109,7 +109,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if size > MAX_FILE_BYTES:
         raise UserError(f"{path} is {size} bytes: far too large for a weighting net (the authors' is ~3 KB)")
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with quiet_warnings():  # torch's "Detected pickle protocol 4" would precede the one error line
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path}: refused to load: it holds objects other than tensors and containers, so it is not "
                         f"a plain state_dict and was not unpickled ({_unpickler_reason(exc)})") from None
@@ -347,15 +348,19 @@ def from_official(
 # -- writing ------------------------------------------------------------------------------------------------------
 def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
     """``save_pretrained`` plus the origin section in the model card (and the curves plot), all-or-nothing."""
-    from cmw_transfer.atomic import write_text
+    from cmw_transfer.atomic import atomic_path, check_regular, file_kind, temporary_directory, write_text
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+    try:
+        kind = None if out.is_dir() else file_kind(os.stat(out).st_mode)
+    except FileNotFoundError:
+        kind = "a symbolic link to nothing" if out.is_symlink() else None
+    if kind is not None:
+        raise UserError(f"--out {out} is {kind}, not a directory; give a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace the artifact there")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temporary_directory(out)
     try:
         net.save_pretrained(tmp)
         card = tmp / "README.md"
@@ -367,8 +372,12 @@ def save_official(net: CMWNet, out: str | os.PathLike, *, overwrite: bool = Fals
         if not out.exists():
             os.replace(tmp, out)
         else:
-            for item in sorted(tmp.iterdir()):
-                os.replace(item, out / item.name)
+            items = sorted(tmp.iterdir())
+            for item in items:  # every target first: a FIFO or device among them leaves the old artifact whole
+                check_regular(out / item.name)
+            for item in items:
+                with atomic_path(out / item.name) as dst:
+                    shutil.copyfile(item, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

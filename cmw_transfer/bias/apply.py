@@ -24,8 +24,9 @@ from cmw_transfer.bias.spec import BiasSpec, format_step
 if TYPE_CHECKING:
     from cmw_transfer.bias.labeled import Labeled
 
-# The asymmetric map a plain ``asym:RATE`` uses on each dataset; anything not listed gets the pair-flip.
-DEFAULT_ASYM_MAPS = {"digits": "digits", "cifar10": "cifar10", "cifar100": "cifar100"}
+# The asymmetric map a plain ``asym:RATE`` (or ``asym:RATE:auto``) uses on each dataset; anything not listed gets
+# the pair-flip.
+DEFAULT_ASYM_MAPS = {"digits": "digits", "fashion-mnist": "fashion-mnist", "cifar10": "cifar10", "cifar100": "cifar100"}
 
 
 def default_asym_map(dataset_name: str) -> str:
@@ -72,7 +73,7 @@ def apply_bias(
             result = symmetric_noise(labels, ds.num_classes, step[1], include_true=len(step) > 2 and step[2] == "incl",
                                      seed=step_seed(seed, k))
         else:
-            mapping = step[2] if len(step) > 2 else default_asym_map(ds.name)
+            mapping = step[2] if len(step) > 2 and step[2] != "auto" else default_asym_map(ds.name)
             result = asymmetric_noise(labels, ds.num_classes, step[1], mapping=mapping, seed=step_seed(seed, k))
             entry["map"] = mapping
         entry["step_rate"] = round(float(np.mean(result.labels != labels)), 6)

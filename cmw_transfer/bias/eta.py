@@ -4,11 +4,21 @@ PMD turns eta into discrete labels through thresholds (top-1 vs top-2 class, ``r
 floating-point difference between machines can flip a label. Biased labels are data and must be identical on
 every machine, so each method is built to give the same bits everywhere:
 
-* ``knn`` (default for in-memory data such as digits): leave-one-out class-wise nearest neighbours in exact
-  integer arithmetic. Features are quantised to a 1/4096 grid; squared distances are then integers that
-  float64 BLAS computes exactly whatever its kernel or thread count; class scores are rational functions of
-  those integers built from correctly rounded operations only (``+ - * /``, summed in a fixed order). No
-  sample is scored by itself. A fraction of a second on digits.
+* ``knn`` (default for in-memory data up to 20,000 samples, such as digits): leave-one-out class-wise nearest
+  neighbours in exact integer arithmetic. Features are quantised to a 1/4096 grid; squared distances are then
+  integers that float64 BLAS computes exactly whatever its kernel or thread count; class scores are rational
+  functions of those integers built from correctly rounded operations only (``+ - * /``, summed in a fixed
+  order). No sample is scored by itself. A fraction of a second on digits.
+* ``pooled-knn`` (default for larger in-memory grey images: Fashion-MNIST, MNIST, KMNIST): the same estimator on
+  reduced integer features, fast enough for 60,000 samples (O(N^2) distances, but float32 and on 196 values).
+  Each image is box-summed over p x p pixels (the smallest p leaving at most 256 values; 28x28 -> 14x14) and
+  rounded, in integer arithmetic, to 0..127. Then every partial sum of the float32 product ``[x_i, 1] .
+  [-2 x_j, |x_j|^2]`` is an integer below 3 * 256 * 127**2 < 2**24, so float32 BLAS computes it exactly in any
+  order, kernel or thread count; samples are sorted by class so each class is one contiguous column range whose
+  3 smallest values ``torch.topk`` selects (a selection, no arithmetic). The result equals ``knn``'s distances on
+  the same features bit for bit (tested) and goes through the same score. On digits (8x8: no pooling, 7-bit
+  instead of 12-bit values) it changes 2 of 1347 digits-pmd labels; see README "Real data" for the comparison.
+  Cached like ``torch`` (the key includes the features' content), since 60,000 samples take tens of seconds.
 * ``torch`` (default otherwise, any dataset incl. image files): a small CNN trained for a few epochs and
   scored on its own training samples in eval mode, like PLC (which records eta during its last epoch). Its
   floats depend on the machine, so its result is quantised to a 2**-20 grid and cached as ``.npy`` under
@@ -34,7 +44,11 @@ if TYPE_CHECKING:
     from cmw_transfer.bias.labeled import Labeled
 
 KNN_MAX_SAMPLES = 20000
-METHODS = ("auto", "knn", "torch")
+POOLED_MAX_SAMPLES = 200_000  # O(N^2): about 3 min of 2 CPU cores at this size; larger sets get the CNN
+METHODS = ("auto", "knn", "pooled-knn", "torch")
+POOLED_VALUES = 256  # at most this many features per sample after pooling
+POOLED_LEVELS = 127  # 3 * 256 * 127**2 < 2**24: every partial sum of the float32 product is an exact integer
+POOLED_ROWS = 1024  # rows of the distance matrix per block (1024 x 60,000 float32 = 245 MB)
 FEATURE_GRID = 4096  # features in [0, 1] -> integers 0..4096: exact squared distances for any D < 2**29
 KNN_NEIGHBOURS = 3  # per class: the mean squared distance to the 3 nearest samples of that class
 KNN_SHARPNESS = 2  # score = (nearest / class distance) ** 4 (two correctly rounded squarings): its Delta
@@ -95,24 +109,101 @@ def knn_eta(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.nd
 
     Only correctly rounded IEEE operations in a fixed order, so the result is bit-identical on every machine.
     """
-    d = class_distances(quantised_features(features), np.asarray(labels), num_classes)
+    return eta_from_distances(class_distances(quantised_features(features), np.asarray(labels), num_classes))
+
+
+def pooled_features(data: np.ndarray) -> np.ndarray:
+    """``[N, D <= 256]`` int64 in 0..127: p x p box sums of 8-bit pixels, rounded in integer arithmetic.
+
+    ``data`` is an in-memory store: uint8 ``N x H x W x C`` or float ``N x C x H x W`` in [0, 1] (made 8-bit by
+    one correctly rounded multiply). Edge pixels that do not fill a p x p box are dropped.
+    """
+    if data.dtype == np.uint8:
+        x = data
+    else:
+        x = np.rint(np.clip(np.asarray(data, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+        x = x.transpose(0, 2, 3, 1)
+    n, h, w, c = x.shape
+    p = 1
+    while (h // p) * (w // p) * c > POOLED_VALUES:
+        p += 1
+    hp, wp = h // p, w // p
+    sums = x[:, :hp * p, :wp * p, :].reshape(n, hp, p, wp, p, c).sum(axis=(2, 4), dtype=np.int64)
+    full = 255 * p * p
+    return (sums.reshape(n, -1) * POOLED_LEVELS + full // 2) // full
+
+
+def pooled_class_distances(q: np.ndarray, labels: np.ndarray, num_classes: int, k: int = KNN_NEIGHBOURS,
+                           rows: int = POOLED_ROWS) -> np.ndarray:
+    """:func:`class_distances` for integer features in 0..127 (at most 256 of them), exact in float32.
+
+    Samples are sorted by class; a block of rows is one float32 product with the augmented columns
+    ``[-2 x_j, |x_j|^2]`` (exact: module docstring), the sample itself is set to ``inf`` and each class's contiguous
+    column range gives its ``k`` smallest values by ``torch.topk``; adding ``k |x_i|^2`` and dividing by ``k`` in
+    float64 gives the same numbers as :func:`class_distances`.
+    """
+    import torch
+
+    q = np.asarray(q, dtype=np.int64)
+    n, d = q.shape
+    if d > POOLED_VALUES or (q.size and (q.min() < 0 or q.max() > POOLED_LEVELS)):
+        raise ValueError(f"pooled features must be at most {POOLED_VALUES} integers in 0..{POOLED_LEVELS}")
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    qs = q[order]
+    norms = np.einsum("ij,ij->i", qs, qs)  # exact int64
+    left = np.concatenate([qs, np.ones((n, 1), dtype=np.int64)], axis=1).astype(np.float32)
+    right = np.ascontiguousarray(np.concatenate([-2 * qs, norms[:, None]], axis=1).T.astype(np.float32))
+    out = np.full((n, num_classes), np.inf)
+    buffer = np.empty((min(rows, n), n), dtype=np.float32)  # reused: no fresh pages (and page faults) per block
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        block = np.matmul(left[start:stop], right, out=buffer[:stop - start])  # exact integers: |x_j|^2 - 2 x_i.x_j
+        own = np.arange(stop - start)
+        block[own, start + own] = np.inf  # leave one out
+        values = torch.from_numpy(block)
+        for c in range(num_classes):
+            lo, hi = int(bounds[c]), int(bounds[c + 1])
+            kk = min(k, hi - lo)
+            if kk == 0:
+                continue
+            nearest = torch.topk(values[:, lo:hi], kk, dim=1, largest=False).values.double().numpy()
+            total = nearest[:, 0].copy()
+            for j in range(1, kk):  # fixed order (exact anyway: integers)
+                total += nearest[:, j]
+            out[start:stop, c] = (total + kk * norms[start:stop].astype(np.float64)) / kk
+    result = np.empty_like(out)
+    result[order] = out
+    return result
+
+
+def eta_from_distances(d: np.ndarray) -> np.ndarray:
+    """``((d_min + 1) / (d_c + 1)) ** 4``, normalised per row: correctly rounded operations in a fixed order."""
     nearest = np.min(d, axis=1, keepdims=True)  # exact: a min, not a sum
     score = np.where(np.isfinite(d), (nearest + 1.0) / (d + 1.0), 0.0)
     for _ in range(KNN_SHARPNESS):
         score = score * score
     total = score[:, 0].copy()
-    for c in range(1, num_classes):
+    for c in range(1, d.shape[1]):
         total += score[:, c]
     return score / total[:, None]
 
 
-def _knn_eta(ds: Labeled) -> np.ndarray:
+def _knn_eta(ds: Labeled, pooled: bool = False) -> np.ndarray:
     y = _clean_labels(ds)
     if np.unique(y).size < 2:
         eta = np.zeros((len(ds), ds.num_classes), dtype=np.float64)
         eta[np.arange(len(ds)), y] = 1.0
         return eta
+    if pooled:
+        q = pooled_features(ds.data[ds.rows])  # type: ignore[attr-defined]
+        return eta_from_distances(pooled_class_distances(q, y, ds.num_classes))
     return knn_eta(ds.features(), y, ds.num_classes)
+
+
+def _grey(ds: Labeled) -> bool:
+    return getattr(ds, "input_shape", (0,))[0] == 1
 
 
 def quantise_eta(eta: np.ndarray) -> np.ndarray:
@@ -181,19 +272,23 @@ def estimate_eta(
 ) -> np.ndarray:
     """``[len(ds), num_classes]`` class probabilities from a classifier trained on the clean labels.
 
-    ``method``: ``"knn"``, ``"torch"`` or ``"auto"`` (knn for in-memory data with at most 20000 samples, torch
-    otherwise). See the module docstring for why each is machine-stable and for caching.
+    ``method``: ``"knn"``, ``"pooled-knn"``, ``"torch"`` or ``"auto"`` (knn for in-memory data with at most 20000
+    samples, pooled-knn for larger in-memory grey images up to 200,000, torch otherwise). See the module docstring
+    for why each is machine-stable and for caching.
     """
     if method == "auto":
-        method = "knn" if ds.in_memory and len(ds) <= KNN_MAX_SAMPLES else "torch"
+        method = ("knn" if ds.in_memory and len(ds) <= KNN_MAX_SAMPLES else
+                  "pooled-knn" if ds.in_memory and _grey(ds) and len(ds) <= POOLED_MAX_SAMPLES else "torch")
     if method not in METHODS:
         raise UserError(f"eta method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
-    if method == "knn" and not ds.in_memory:
-        raise UserError(f"eta method 'knn' needs an in-memory dataset; {ds.name} is read from files, use 'torch'")
+    if method in ("knn", "pooled-knn") and not ds.in_memory:
+        raise UserError(f"eta method {method!r} needs an in-memory dataset; {ds.name} is read from files, use 'torch'")
     if not len(ds):
         raise UserError(f"{ds.name}: cannot estimate eta on an empty dataset")
     options = {"method": method, **({"seed": seed, "epochs": epochs} if method == "torch" else {})}
-    if cache_dir is None and method == "torch":
+    if method == "pooled-knn":  # the images enter the key: the result is a function of them
+        options["features"] = hashlib.sha256(np.ascontiguousarray(ds.data[ds.rows]).tobytes()).hexdigest()[:20]
+    if cache_dir is None and method in ("torch", "pooled-knn"):
         cache_dir = default_cache_dir()
     cache_file = None
     if cache_dir is not None:
@@ -202,8 +297,8 @@ def estimate_eta(
             eta = np.load(cache_file, allow_pickle=False)
             if eta.shape == (len(ds), ds.num_classes):
                 return eta
-    if method == "knn":
-        eta = _knn_eta(ds)
+    if method in ("knn", "pooled-knn"):
+        eta = _knn_eta(ds, pooled=method == "pooled-knn")
     else:
         eta = quantise_eta(_torch_eta(ds, epochs, seed, batch_size, num_workers))
     if cache_file is not None:

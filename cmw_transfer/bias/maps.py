@@ -19,6 +19,16 @@ CIFAR10_FLIPS = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 # 7->1, 4->9, 5->6 lose labels, receivers 1, 9, 6 gain them, 3<->8 swap (net zero), 0 and 2 are untouched.
 DIGITS_FLIPS = {7: 1, 4: 9, 5: 6, 3: 8, 8: 3}
 
+# Fashion-MNIST (0 T-shirt/top, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag,
+# 9 Ankle boot), built like the CIFAR-10 map from the pairs a classifier confuses: the literature's three one-way
+# flips T-shirt/top->Shirt, Pullover->Coat and Sandal->Sneaker (sources lose labels, receivers gain them) and a
+# swap Trouser<->Dress (net zero; the two long, narrow silhouettes: each is the other's first or third confusion
+# under the clean-label eta); Bag and Ankle boot are untouched. So the noisy counts split into three size groups
+# (1 - r, 1, 1 + r) and asym:RATE changes RATE x 5/10 of a balanced set's labels, as the CIFAR-10 and digits maps.
+# The eta confusions that back each pair (scripts/eta_compare.py's pooled-knn, 12,000 samples): T-shirt->Shirt 11%,
+# Pullover->Coat 13%, Sandal->Sneaker 8%, Trouser->Dress 3% (Trouser's largest), Dress->Trouser 3%.
+FASHION_MNIST_FLIPS = {0: 6, 2: 4, 5: 7, 1: 3, 3: 1}
+
 # The official CIFAR-100 fine -> coarse (super-class) table: fine label i belongs to super-class COARSE[i].
 CIFAR100_COARSE = np.array([
     4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
@@ -28,7 +38,7 @@ CIFAR100_COARSE = np.array([
     16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
 ], dtype=np.int64)
 
-MAP_NAMES = ("auto", "cifar10", "cifar100", "cifar100-blocks", "digits", "pairflip")
+MAP_NAMES = ("auto", "cifar10", "cifar100", "cifar100-blocks", "digits", "fashion-mnist", "pairflip")
 
 
 def _from_flips(flips: Mapping[int, int], num_classes: int, name: str) -> np.ndarray:
@@ -75,7 +85,7 @@ def resolve_map(mapping: str | Mapping[int, int] | np.ndarray, num_classes: int)
     name = str(mapping)
     if name == "auto":
         name = {10: "cifar10", 100: "cifar100"}.get(num_classes, "pairflip")
-    fixed = {"cifar10": 10, "digits": 10, "cifar100": 100, "cifar100-blocks": 100}
+    fixed = {"cifar10": 10, "digits": 10, "fashion-mnist": 10, "cifar100": 100, "cifar100-blocks": 100}
     if name in fixed and fixed[name] != num_classes:
         raise UserError(f"asymmetric map {name!r} is for {fixed[name]} classes, the data has {num_classes}; "
                         "use mapping='pairflip' for other class counts")
@@ -83,6 +93,8 @@ def resolve_map(mapping: str | Mapping[int, int] | np.ndarray, num_classes: int)
         return _from_flips(CIFAR10_FLIPS, 10, name)
     if name == "digits":
         return _from_flips(DIGITS_FLIPS, 10, name)
+    if name == "fashion-mnist":
+        return _from_flips(FASHION_MNIST_FLIPS, 10, name)
     if name == "cifar100":
         return cifar100_map()
     if name == "cifar100-blocks":

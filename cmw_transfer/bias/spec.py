@@ -3,7 +3,8 @@
 Grammar: steps joined by ``+``, applied left to right::
 
     sym:RATE[:incl]     uniform noise; with ``incl`` the redrawn label may be the true one (see symmetric_noise)
-    asym:RATE[:MAP]     class-map noise; MAP one of auto, cifar10, cifar100, cifar100-blocks, digits, pairflip
+    asym:RATE[:MAP]     class-map noise; MAP one of auto, cifar10, cifar100, cifar100-blocks, digits,
+                        fashion-mnist, pairflip
                         (default: the dataset's own map, see apply_bias)
     pmd1:RATE | pmd2:RATE | pmd3:RATE   PMD Type-I/II/III at a target noise rate; only as the first step,
                         because PMD labels depend on eta alone and would erase any earlier step

@@ -117,23 +117,27 @@ def _preflight(cfg: ApplyConfig) -> None:
 @click.option("--curves", default=None, metavar="DIR",
               help="With a CurveNet --weights: the loss curves of this data, from cmw-transfer probe (same "
                    "--dataset/--noise/--imbalance/--seed, the net's probe schedule).")
-@click.option("--dataset", required=True, metavar="SPEC", help="Target dataset: digits, cifar10, webvision-full, "
-                                                                 "list:PATH, folder:PATH, ... (see cmw-transfer data).")
-@click.option("--data-dir", "--data-root", "data_root", default=None, metavar="DIR", help="Dataset root folder.")
+@click.option("--dataset", required=True, metavar="SPEC", help="Target dataset: digits, fashion-mnist, cifar10, "
+                                                                 "webvision-full, list:PATH, folder:PATH, ... (see "
+                                                                 "cmw-transfer data).")
+@click.option("--data-dir", "--data-root", "data_root", default=None, metavar="DIR",
+              help="Dataset root folder (fashion-mnist: --data-dir, then CMW_DATA_DIR, then FashionMNIST/raw under "
+                   "either, then /usr/share/datasets/fashion-mnist).")
 @click.option("--noise", default=None, metavar="SPEC", help="Inject label noise, e.g. asym:0.4 or sym:0.4+asym:0.2.")
 @click.option("--imbalance", type=IMBALANCE, default=None, help="Long-tail imbalance factor to inject (e.g. 10).")
 @click.option("--out", required=True, metavar="DIR", help="Run directory (checkpoint, metrics, families, summary).")
-@click.option("--model", default="resnet18", show_default=True,
-              help="Backbone: any timm model name, or small_cnn / cifar_resnet32.")
+@click.option("--model", default="resnet18",
+              help="Backbone: any timm model name, or small_cnn / lenet / cifar_resnet32.  [default: resnet18; lenet "
+                   "for fashion-mnist, mnist, kmnist]")
 @click.option("--img-size", type=IMG_SIZE, default=None, help="Resize to this input size with timm's transforms "
                                                            "(default: file datasets 224, in-memory sets as stored).")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (Hugging Face cache; "
                                                   "HF_HUB_OFFLINE=1 works with a populated cache).")
 @click.option("--initial-checkpoint", default=None, metavar="PATH",
               help="Initialise the model from this state dict (.safetensors or torch.save, loaded weights-only).")
-@click.option("--epochs", type=EPOCHS, default=30, show_default=True)
+@click.option("--epochs", type=EPOCHS, default=30, help="[default: 30; 15 for fashion-mnist, mnist, kmnist]")
 @click.option("--batch-size", type=BATCH, default=128, show_default=True, help="Per process (global = N x this).")
-@click.option("--lr", type=LR, default=0.1, show_default=True)
+@click.option("--lr", type=LR, default=0.1, help="[default: 0.1; 0.05 for fashion-mnist, mnist, kmnist]")
 @click.option("--opt", default="sgd", show_default=True, help="timm optimizer name (sgd is Nesterov momentum).")
 @click.option("--momentum", type=UNIT_OPEN, default=0.9, show_default=True)
 @click.option("--weight-decay", type=WEIGHT_DECAY, default=5e-4, show_default=True)

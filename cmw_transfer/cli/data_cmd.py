@@ -59,6 +59,7 @@ def describe_dataset(ds: LabeledDataset, spec: str, k: int) -> dict:
         "dataset": spec,
         "name": ds.name,
         "split": ds.split,
+        "files": None if ds.root is None else str(ds.root),
         "bias": str(ds.bias) if ds.bias is not None else "none",
         "bias_steps": list(ds.bias_log),
         "num_samples": len(ds),
@@ -111,6 +112,8 @@ def plot_class_sizes(info: dict, path: Path) -> None:
 
 def _print_text(info: dict) -> None:
     click.echo(printable(f"dataset:     {info['dataset']} ({info['name']}, split {info['split']})"))
+    if info.get("files"):
+        click.echo(printable(f"files:       {info['files']}"))
     click.echo(f"bias:        {info['bias']}")
     for step in info["bias_steps"]:
         extras = ", ".join(f"{k}={v}" for k, v in step.items() if k != "step")
@@ -150,10 +153,12 @@ def _print_text(info: dict) -> None:
 
 @click.command("data")
 @click.option("--dataset", "spec", required=True, metavar="SPEC",
-              help="digits, cifar10, cifar100, webvision-full, mini-webvision, imagenet-lt, clothing1m, animal-10n, "
-                   "digits-pmd, cifar10-pmd, list:PATH or folder:PATH.")
+              help="digits, fashion-mnist, mnist, kmnist, cifar10, cifar100, webvision-full, mini-webvision, "
+                   "imagenet-lt, clothing1m, animal-10n, digits-pmd, fashion-mnist-pmd, cifar10-pmd, list:PATH or "
+                   "folder:PATH.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder holding the dataset's files (not needed for digits).")
+              help="Folder holding the dataset's files (not needed for digits; fashion-mnist: --data-dir, then "
+                   "CMW_DATA_DIR, then FashionMNIST/raw under either, then /usr/share/datasets/fashion-mnist).")
 @click.option("--split", default="train", show_default=True, help="Which split to describe.")
 @click.option("--noise", default=None, metavar="STEPS",
               help="Inject label noise, e.g. sym:0.4, asym:0.3, pmd1:0.35+asym:0.3 (steps left to right).")

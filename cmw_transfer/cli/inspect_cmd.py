@@ -9,6 +9,7 @@ import click
 
 from cmw_transfer.cli.options import emit, weights_option
 from cmw_transfer.cli.text import printable
+from cmw_transfer.untrusted import shorten
 
 if TYPE_CHECKING:
     from cmw_transfer.artifact.net import CMWNet
@@ -39,13 +40,13 @@ def _print_text(info: dict) -> None:
 
     cfg = info["config"]
     click.echo(f"weights:        {printable(info['spec'])}")
-    click.echo(f"method:         {printable(info['method'])} (K={cfg['num_heads']}, hidden={cfg['hidden_size']}, "
-               f"format v{cfg['format_version']})")
+    click.echo(f"method:         {printable(shorten(info['method'], 60))} (K={cfg['num_heads']}, "
+               f"hidden={cfg['hidden_size']}, format v{cfg['format_version']})")
     for key, value in sorted((cfg.get("provenance") or {}).items()):
-        if key != "method":  # already on the line above
-            click.echo(f"{printable(key) + ':':<16}{printable(value)}")
+        if key != "method":  # already on the line above; a huge value is shown as a prefix and its length
+            click.echo(f"{printable(shorten(key, 60)) + ':':<16}{printable(shorten(str(value)))}")
     if cfg.get("loss_range"):
-        click.echo("loss range:     " + ", ".join(f"{printable(k)}={v:.3g}"
+        click.echo("loss range:     " + ", ".join(f"{printable(shorten(k, 60))}={v:.3g}"
                                                 for k, v in sorted(cfg["loss_range"].items())))
     click.echo("families:")
     for fam in info["families"]:
@@ -62,7 +63,10 @@ def _print_text(info: dict) -> None:
               help="Write the weighting curves per family as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def inspect_cmd(weights_spec: str, plot_path: Path | None, as_json: bool) -> None:
-    """Print a net's config, provenance, centers and weight per family over a loss grid."""
+    """Print a net's config, provenance, centers and weight per family over a loss grid.
+
+    Text output shows a provenance value longer than 200 characters as its prefix and its length; --json
+    prints the config exactly as stored."""
     from cmw_transfer.artifact import CMWNet
     from cmw_transfer.artifact.curves import plot_curves
 

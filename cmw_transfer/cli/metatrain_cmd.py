@@ -12,7 +12,8 @@ from cmw_transfer.trainer.config import METHODS, resolve_metatrain
 
 # option name -> (type, help); defaults: the source's recipe, then MetaTrainConfig (trainer.config.resolve)
 OPTIONS: dict[str, tuple[Any, str]] = {
-    "data_dir": (str, "Root folder of the source dataset's files."),
+    "data_dir": (str, "Root folder of the source dataset's files (fashion-mnist: --data-dir, then CMW_DATA_DIR, "
+                 "then FashionMNIST/raw under either, then /usr/share/datasets/fashion-mnist)."),
     "noise": (str, "Extra noise steps, e.g. sym:0.4+asym:0.2 or pmd1:0.35+asym:0.3."),
     "imbalance": (opt.IMBALANCE, "Long-tail imbalance factor IF (n_max / n_min)."),
     "method": (click.Choice((*METHODS, "curvenet")), "cmwnet (K families), mwnet (K=1), cmwnet-sl (soft labels), "
@@ -69,7 +70,8 @@ def _apply_options(command):
 
 
 @click.command("metatrain")
-@click.option("--src", required=True, help="Biased source: digits-pmd, cifar10-pmd, or any dataset spec.")
+@click.option("--src", required=True, help="Biased source: digits-pmd, fashion-mnist-pmd, cifar10-pmd, or any dataset "
+                                          "spec.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (artifact).")
 @_apply_options
 @click.option("--mirror-optimizer", is_flag=True, help="Virtual step with the real momentum and weight decay.")

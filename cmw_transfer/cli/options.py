@@ -168,7 +168,7 @@ class LoggersType(click.ParamType):
     name = "csv,tensorboard"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
-        from cmw_transfer.trainer.config import LOGGERS
+        from cmw_transfer.defaults import LOGGERS
 
         if isinstance(value, tuple) and not value:  # a config file's "none"
             return value

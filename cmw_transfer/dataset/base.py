@@ -142,7 +142,7 @@ class LabeledDataset(Dataset):
 
 
 class InMemoryDataset(LabeledDataset):
-    """Images held in one array: float CHW in [0, 1] (digits) or uint8 HWC (CIFAR).
+    """Images held in one array: float CHW in [0, 1] (digits) or uint8 HWC (CIFAR, the MNIST family with C = 1).
 
     Without a transform a sample is a float32 CHW tensor in [0, 1]; with one, the transform gets a PIL image
     (RGB, like torchvision's CIFAR datasets and decoded files), so timm transforms work unchanged.
@@ -170,13 +170,29 @@ class InMemoryDataset(LabeledDataset):
         x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
         return x.reshape(len(self), -1)
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """A DataLoader batch in one vectorised conversion (the same values as ``ds[i]`` one by one).
+
+        Without a transform, converting 128 small images one at a time costs more than the copy itself: at 60,000
+        28x28 images the per-sample path made the loader 4x slower than a loop over ready float tensors.
+        """
+        if self.transform is not None:
+            return [self[i] for i in indices]
+        idx = np.asarray(indices, dtype=np.int64)
+        x = self.data[self.rows[idx]]
+        if x.dtype == np.uint8:
+            batch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float().div_(255.0)
+        else:
+            batch = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        return list(zip(batch.unbind(0), self.targets[idx].tolist(), idx.tolist(), strict=True))
+
     def _load(self, row: int) -> torch.Tensor:
         x = self.data[row]
         if self.transform is not None:
             from PIL import Image
 
-            if x.dtype == np.uint8:
-                img = Image.fromarray(x)
+            if x.dtype == np.uint8:  # grey (H x W x 1) becomes RGB, like a decoded grey file
+                img = Image.fromarray(x[:, :, 0]).convert("RGB") if x.shape[2] == 1 else Image.fromarray(x)
             else:
                 gray = Image.fromarray(np.clip(x[0] * 255.0 + 0.5, 0, 255).astype(np.uint8))
                 img = gray.convert("RGB")  # like a decoded file, so ImageNet-style transforms apply

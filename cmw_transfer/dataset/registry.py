@@ -16,15 +16,17 @@ from cmw_transfer.bias.spec import BiasSpec, parse_noise
 from cmw_transfer.dataset.base import LabeledDataset
 from cmw_transfer.errors import UserError
 
-DATASETS = ("digits", "cifar10", "cifar100", "webvision-full", "mini-webvision", "imagenet-lt", "clothing1m",
-            "animal-10n")
+DATASETS = ("digits", "fashion-mnist", "mnist", "kmnist", "cifar10", "cifar100", "webvision-full", "mini-webvision",
+            "imagenet-lt", "clothing1m", "animal-10n")
 PATTERNS = ("list:PATH", "folder:PATH")
 
 # The paper's transfer source (reference-implementations.md §1.2): PMD Type-I 35% on clean labels, then the
-# CIFAR-10 asymmetric map at 30%. digits-pmd is the same recipe on the embedded digits (with the digits map).
+# CIFAR-10 asymmetric map at 30%. digits-pmd and fashion-mnist-pmd are the same recipe on the embedded digits and
+# on Fashion-MNIST (each with its own asymmetric map, cmw_transfer/bias/maps.py).
 PRESETS = {
     "cifar10-pmd": ("cifar10", "pmd1:0.35+asym:0.3"),
     "digits-pmd": ("digits", "pmd1:0.35+asym:0.3"),
+    "fashion-mnist-pmd": ("fashion-mnist", "pmd1:0.35+asym:0.3"),
 }
 
 
@@ -61,10 +63,12 @@ def check_source_exists(base: str) -> None:
 
 
 def _loader(name: str) -> Callable[..., LabeledDataset]:
-    from cmw_transfer.dataset.formats import cifar, clothing1m, digits, folders, imagenet_lt, webvision
+    from cmw_transfer.dataset.formats import cifar, clothing1m, digits, folders, imagenet_lt, mnist, webvision
 
     if name == "digits":
         return lambda root, split, **kw: digits.load(root, split, **kw)
+    if name in mnist.NAMES:
+        return lambda root, split, **kw: mnist.load(name, root, split, **kw)
     if name in ("cifar10", "cifar100"):
         return lambda root, split, **kw: cifar.load(name, root, split, **kw)
     if name in ("webvision-full", "mini-webvision"):

@@ -3,7 +3,8 @@ an initial checkpoint as in timm's ``train.py``).
 
 Built-ins: ``cifar_resnet32`` / ``cifar_resnet20`` are the papers' CIFAR ResNets with option-A (parameter-free,
 zero-padded) shortcuts, the MW-Net / CMW-Net backbone (ResNet-32: 0.46M parameters); ``cifar_resnet32b`` /
-``cifar_resnet20b`` are the option-B variants (1x1 conv + BN projection shortcuts); ``small_cnn`` is the digits CNN.
+``cifar_resnet20b`` are the option-B variants (1x1 conv + BN projection shortcuts); ``small_cnn`` is the digits CNN;
+``lenet`` the LeNet-style CNN for 28x28 grey images (Fashion-MNIST's default).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from timm.models import group_parameters
 from torch import nn
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.models.builtin import CifarResNet, SmallCNN
+from cmw_transfer.models.builtin import CifarResNet, LeNet, SmallCNN
 from cmw_transfer.models.geometry import check_geometry
+from cmw_transfer.untrusted import quiet_warnings, read_safetensors
 
 # cifar_resnet32/20: the papers' option-A ResNets (parameter-free zero-padded shortcuts; ResNet-32 = 0.46M
 # parameters, as MW-Net / CMW-Net); cifar_resnet32b/20b: the option-B variants (1x1 conv + BN projections).
@@ -30,6 +32,7 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet32b": lambda num_classes, in_chans: CifarResNet(32, num_classes, in_chans, shortcut="B"),
     "cifar_resnet20b": lambda num_classes, in_chans: CifarResNet(20, num_classes, in_chans, shortcut="B"),
     "small_cnn": lambda num_classes, in_chans: SmallCNN(num_classes, in_chans),
+    "lenet": lambda num_classes, in_chans: LeNet(num_classes, in_chans),
 }
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
@@ -95,16 +98,25 @@ def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modul
 
 def load_initial_checkpoint(model: nn.Module, path: str | os.PathLike, name: str) -> None:
     """timm ``--initial-checkpoint``: a state dict (``.safetensors`` or ``torch.save``, loaded weights-only; a
-    ``state_dict`` / ``model`` entry of a training checkpoint is picked), loaded strictly."""
+    ``state_dict`` / ``model`` entry of a training checkpoint is picked), loaded strictly.
+
+    A ``.safetensors`` file goes through the bounded reader (:func:`cmw_transfer.untrusted.read_safetensors`),
+    as timm would hand it to ``safetensors.torch.load_file``; a pickle is read with torch's warnings dropped (its
+    "Detected pickle protocol" line would precede the one error line)."""
     import pickle
 
-    from timm.models import load_checkpoint
+    from timm.models import clean_state_dict, load_checkpoint
 
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--initial-checkpoint {file}: no such file")
     try:
-        load_checkpoint(model, str(file), use_ema=False, strict=True, weights_only=True)
+        if file.name.endswith(".safetensors"):
+            _, state = read_safetensors(file, label=f"--initial-checkpoint {file}")
+            model.load_state_dict(clean_state_dict(state), strict=True)
+        else:
+            with quiet_warnings():
+                load_checkpoint(model, str(file), use_ema=False, strict=True, weights_only=True)
     except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError, OSError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise UserError(f"--initial-checkpoint {file} does not load into '{name}' ({detail}): it must be a state "

@@ -30,6 +30,7 @@ from cmw_transfer.artifact.curvenet import CurveNet
 from cmw_transfer.artifact.scales import fit_families
 from cmw_transfer.defaults import PROBE_NAME, SCHEDULE_KEYS
 from cmw_transfer.errors import UserError
+from cmw_transfer.untrusted import loads
 from cmw_transfer.weighting.base import WeightedLoss
 
 CHUNK_ROWS = 65536
@@ -60,9 +61,11 @@ def load_curves(directory: str | Path, hint: str = "cmw-transfer probe --dataset
     if not record_path.is_file():
         raise UserError(f"--curves {path}: no {PROBE_NAME} there, so no loss curves; record them first with: {hint}")
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        record = loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"--curves {path}: {PROBE_NAME} is unreadable ({exc}); run the probe again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"--curves {path}: {PROBE_NAME} is not a JSON object; run the probe again")
     if not record.get("complete"):
         raise UserError(f"--curves {path}: the probe has not finished (continue it with cmw-transfer probe ... "
                         f"--out {path} --resume)")

@@ -7,6 +7,7 @@ re-exported here; the package is torch-free, so every ``--help`` can import it.
 """
 
 from cmw_transfer.trainer.config.apply import (
+    APPLY_DATASET_DEFAULTS,
     EQL_FIELDS,
     OLTR_FIELDS,
     OLTR_SAMPLERS,
@@ -14,6 +15,7 @@ from cmw_transfer.trainer.config.apply import (
     TRAINERS,
     WEIGHTINGS,
     ApplyConfig,
+    apply_defaults_for,
     parse_open_classes,
 )
 from cmw_transfer.trainer.config.base import (
@@ -29,6 +31,7 @@ from cmw_transfer.trainer.config.metatrain import (
     ADVISOR_FIELDS,
     ADVISOR_PARTS,
     CURVENET_RECIPE,
+    DATASET_RECIPES,
     DECAY_FRACTIONS,
     METATRAIN_RESUME_FREE,
     METHOD_DEFAULTS,
@@ -49,7 +52,9 @@ __all__ = [
     "ACTUAL_STEPS",
     "ADVISOR_FIELDS",
     "ADVISOR_PARTS",
+    "APPLY_DATASET_DEFAULTS",
     "CURVENET_RECIPE",
+    "DATASET_RECIPES",
     "DECAY_FRACTIONS",
     "EQL_FIELDS",
     "METATRAIN_RESUME_FREE",
@@ -70,6 +75,7 @@ __all__ = [
     "MetaTrainConfig",
     "ProbeConfig",
     "StageConfig",
+    "apply_defaults_for",
     "check_loggers",
     "config_fingerprint",
     "load_config_text",

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 from cmw_transfer.defaults import LOGGERS, TENSORBOARD_HINT
 from cmw_transfer.errors import UserError
 from cmw_transfer.parsing import parse_name_list
+from cmw_transfer.untrusted import loads
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -137,7 +138,9 @@ def load_config_text(text: str, path: Path) -> Any:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        except RecursionError:  # PyYAML's composer recurses: a 30,000-deep nest
+            raise UserError(f"--config {path}: not valid YAML (nested too deep)") from None
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"--config {path}: not valid JSON ({exc})") from None

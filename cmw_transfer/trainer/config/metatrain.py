@@ -166,11 +166,17 @@ RECIPES: dict[str, dict[str, Any]] = {
                         ema_decay=0.999, mixup_alpha=4.0, normalization="batch"),
     "digits-pmd": dict(method="cmwnet", model="small_cnn", epochs=30, batch_size=64, lr=0.05, meta_lr=1e-3,
                        meta_interval=1, meta_batch_size=100, meta_set="clean:10", warmup_epochs=5),
+    "fashion-mnist-pmd": dict(method="cmwnet", model="lenet", epochs=15, batch_size=128, lr=0.05, meta_lr=1e-3,
+                              meta_interval=5, meta_batch_size=100, meta_set="clean:100", warmup_epochs=3),
 }
 
 
+# a plain dataset name takes the recipe of its preset (``--src fashion-mnist --noise sym:0.4``: LeNet, 15 epochs)
+DATASET_RECIPES = {"fashion-mnist": "fashion-mnist-pmd", "mnist": "fashion-mnist-pmd", "kmnist": "fashion-mnist-pmd"}
+
+
 def recipe_for(src: str) -> dict[str, Any]:
-    return dict(RECIPES.get(src, {}))
+    return dict(RECIPES.get(src, RECIPES.get(DATASET_RECIPES.get(src, ""), {})))
 
 
 # -- curvenet: the allocate stage -----------------------------------------------------------------------------------

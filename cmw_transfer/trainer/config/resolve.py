@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Any
 
 from cmw_transfer.errors import UserError
-from cmw_transfer.trainer.config.apply import ApplyConfig
+from cmw_transfer.trainer.config.apply import ApplyConfig, apply_defaults_for
 from cmw_transfer.trainer.config.metatrain import (
     CURVENET_RECIPE,
     METHOD_DEFAULTS,
@@ -73,9 +73,11 @@ def resolve_apply(values: dict[str, Any], config_file: str | None = None, typed:
                   check_file: FileCheck | None = None) -> ApplyConfig:
     """An :class:`ApplyConfig` from the command line's ``values``; with ``config_file``, the file's settings
     replace every value whose name is not in ``typed`` (the options the user typed)."""
+    given = {k: v for k, v in values.items() if k in typed}
     if config_file:
-        given = {k: v for k, v in values.items() if k in typed}
         values = {**_from_file(ApplyConfig, config_file, given, check_file), **given}
+    else:  # the dataset's own defaults (model, epochs, lr) under what the user typed
+        values = {**values, **apply_defaults_for(str(values["dataset"])), **given}
     return ApplyConfig.from_dict(values)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from numpy.lib.format import open_memmap
 from torch.nn.parallel import DistributedDataParallel
 
-from cmw_transfer.atomic import write_json
+from cmw_transfer.atomic import atomic_path, check_regular, write_json
 from cmw_transfer.defaults import PROBE_NAME
 from cmw_transfer.errors import UserError
 from cmw_transfer.runtime import check_free_space
@@ -136,8 +136,10 @@ class ProbeTrainer(Stage):
             if epoch:
                 raise UserError(f"--resume: {path} is missing; the probe's curves are lost, start over with "
                                 "--overwrite")
+            check_regular(path)  # a memory map is written in place: never over a FIFO or a device
             open_memmap(path, mode="w+", dtype=np.float16, shape=(self.n, self.cfg.epochs)).flush()
-            np.save(self.out / LABELS_NAME, self.train.targets)
+            with atomic_path(self.out / LABELS_NAME) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, self.train.targets)
         self.ctx.barrier()  # every rank opens the file rank 0 created
         self.losses = open_memmap(path, mode="r+")
         if self.losses.shape != (self.n, self.cfg.epochs) or self.losses.dtype != np.float16:

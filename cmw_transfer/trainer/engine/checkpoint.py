@@ -16,6 +16,7 @@ import torch
 from cmw_transfer.atomic import atomic_path
 from cmw_transfer.config_diff import mismatch_message
 from cmw_transfer.errors import UserError
+from cmw_transfer.untrusted import quiet_warnings
 
 CHECKPOINT_NAME = "checkpoint.pt"
 ENGINE_KEYS = ("fingerprint", "epoch", "identity")
@@ -38,7 +39,8 @@ def load_checkpoint(path: str | Path, fingerprint: str, config: Any = None) -> d
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}; start without --resume or point --out at the run")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_warnings():  # torch's "Detected pickle protocol" would precede the one error line
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"--resume: {path} is not a readable checkpoint ({exc.__class__.__name__}); "
                         "delete it to start over") from None

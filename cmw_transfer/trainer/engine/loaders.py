@@ -118,11 +118,19 @@ class SeededPerSample(Dataset):
         random.seed(seed)
         return self.ds[index]
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A whole batch at once where nothing is random (an in-memory set without a transform: its own
+        ``__getitems__``); otherwise sample by sample, each seeded."""
+        fetch = getattr(self.ds, "__getitems__", None)
+        if fetch is not None and getattr(self.ds, "transform", True) is None:
+            return fetch([index for _epoch, index in keys])
+        return [self[key] for key in keys]
+
     def __len__(self) -> int:
         return len(self.ds)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:  # the wrapped dataset's attributes (targets, classes, ...)
-        if name in ("ds", "seed"):
+        if name in ("ds", "seed") or name.startswith("__"):  # never a protocol method of the wrapped dataset
             raise AttributeError(name)
         return getattr(self.ds, name)
 

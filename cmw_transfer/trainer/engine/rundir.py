@@ -16,9 +16,11 @@ names the holder's pid for the message) and is removed when the run ends. With t
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from cmw_transfer.atomic import file_kind
 from cmw_transfer.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -129,6 +131,10 @@ def _lock(path: Path) -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise UserError(f"--out {path.parent}: cannot write there ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted as .lock
+            os.close(fd)
+            raise UserError(f"--out {path.parent}: {path.name} is {file_kind(os.stat(path).st_mode)}, not a lock "
+                            "file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
