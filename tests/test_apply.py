@@ -38,7 +38,7 @@ MODEL = "test_resnet"  # a tiny timm model
 def digits_config(out: Path, weights: Path | None, **overrides) -> ApplyConfig:
     base = dict(dataset="digits", out=str(out), weights=str(weights) if weights else None, noise="asym:0.4",
                 imbalance=10.0, model=MODEL, epochs=2, warmup_epochs=1, batch_size=64, lr=0.05, workers=0, seed=0,
-                progress=False)
+                progress=False, trust_check="off")  # the synthetic net must be applied here (trust: test_trust.py)
     base.update(overrides)
     return ApplyConfig(**base)
 
@@ -332,8 +332,9 @@ def test_loss_range_check_is_silent_during_the_ce_warm_up(tmp_path, narrow_weigh
 
 def test_apply_defaults_with_the_shipped_net_are_not_worse_than_erm(tmp_path, capsys):
     """What a user gets from `apply --weights pretrained:...` with its default weighting options, on a noisy
-    balanced target: not worse than ERM. Without the warm-up (`--warmup-epochs 0`) the same net freezes training
-    (every from-scratch loss is near ln C, where it gives weights near 0), which this test would catch."""
+    balanced target: not worse than ERM. Without the warm-up (`--warmup-epochs 0`) and with the per-batch
+    normalisation the net was meta-trained with (w / B), the same net freezes training (every from-scratch loss is
+    near ln C, where it gives weights near 0), which this test would catch."""
     common = ["--dataset", "digits", "--noise", "sym:0.4", "--model", "small_cnn", "--epochs", "8",
               "--batch-size", "64", "--lr", "0.05", "--seed", "0", "--no-progress", "--workers", "0"]
 
@@ -345,7 +346,8 @@ def test_apply_defaults_with_the_shipped_net_are_not_worse_than_erm(tmp_path, ca
 
     erm = top1("erm", "--weighting", "none")
     default = top1("cmw", "--weights", "pretrained:cmwnet-digits-pmd")
-    frozen = top1("no-warm-up", "--weights", "pretrained:cmwnet-digits-pmd", "--warmup-epochs", "0")
+    frozen = top1("no-warm-up", "--weights", "pretrained:cmwnet-digits-pmd", "--warmup-epochs", "0",
+                  "--normalization", "batch")
     summary = json.loads((tmp_path / "cmw" / "summary.json").read_text())
     assert summary["warmup_start_epoch"] > 1  # auto waited for the target to be ready
     assert erm > 80, erm  # the setting is learnable in this budget

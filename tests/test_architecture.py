@@ -5,6 +5,8 @@
   nothing below ``trainer/`` imports it);
 * no stage imports another stage except the one it extends;
 * every stage is run as ``Engine(stage).run()`` from outside: only the launcher builds an engine;
+* every ``cmw_transfer`` import in the repository (package, scripts, tests, docs' snippets aside) names a module
+  and a name that exist, so a move cannot leave a script or a test pointing at an old path;
 * no module over 400 lines; no function in ``trainer/`` over 60 lines or 10 parameters without a one-line
   ``Size:`` reason in its docstring.
 """
@@ -231,8 +233,40 @@ def test_trainer_functions_are_short_and_narrow_or_say_why():
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.parametrize("rule", ["cycle", "upward", "size"])
-def test_the_checks_catch_what_they_are_for(rule):
+def unresolved_imports(path: Path) -> list[str]:
+    """``module.name`` of every absolute ``cmw_transfer`` import in ``path`` that does not resolve."""
+    import importlib
+
+    missing, where = [], path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [(a.name, None) for a in node.names if a.name.startswith("cmw_transfer")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("cmw_transfer"):
+            targets = [(node.module, a.name) for a in node.names]
+        else:
+            continue
+        for module, name in targets:
+            try:
+                found = importlib.import_module(module)
+            except ImportError:
+                missing.append(f"{where}:{node.lineno}: {module}")
+                continue
+            if name not in (None, "*") and not hasattr(found, name):
+                try:
+                    importlib.import_module(f"{module}.{name}")
+                except ImportError:
+                    missing.append(f"{where}:{node.lineno}: {module}.{name}")
+    return missing
+
+
+def test_every_import_of_the_package_in_the_repository_resolves():
+    files = [p for folder in ("cmw_transfer", "scripts", "tests", "pretrained") for p in (REPO / folder).rglob("*.py")]
+    missing = [m for path in sorted(files) for m in unresolved_imports(path)]
+    assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("rule", ["cycle", "upward", "size", "resolve"])
+def test_the_checks_catch_what_they_are_for(rule, tmp_path):
     """The helpers above find what they must (a check that cannot fail is no check)."""
     if rule == "cycle":
         assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
@@ -243,6 +277,12 @@ def test_the_checks_catch_what_they_are_for(rule):
         assert unit("cmw_transfer.trainer") == "cmw_transfer.trainer"
         assert _dotted("trainer/engine/") == "cmw_transfer.trainer.engine"
         assert _dotted("__init__.py") == "cmw_transfer" and _dotted("trainer/__init__.py") == "cmw_transfer.trainer"
+    elif rule == "resolve":
+        probe = tmp_path / "probe.py"
+        probe.write_text("from cmw_transfer.trainer.common import make_loader\nimport cmw_transfer.trainer.nope\n"
+                         "from cmw_transfer.weighting import CMWLoss, NoSuchName\n")
+        assert [m.split(": ")[1] for m in unresolved_imports(probe)] == [
+            "cmw_transfer.trainer.common", "cmw_transfer.trainer.nope", "cmw_transfer.weighting.NoSuchName"]
     else:
         fn = ast.parse('def f(a, b):\n    """Size: the reason is written here."""\n').body[0]
         assert _size_reason(fn)

@@ -164,8 +164,12 @@ def _preflight(cfg: ApplyConfig) -> None:
               help="--weighting focal: (1-p_t)^gamma.")
 @click.option("--cb-beta", type=UNIT_OPEN, default=0.999, show_default=True,
               help="--weighting class-balanced: effective-number beta.")
-@click.option("--normalization", type=click.Choice(["batch", "sum", "none"]), default="batch", show_default=True,
-              help="Per-sample coefficients: w/B (CMW-Net), w/sum(w), or w.")
+@click.option("--normalization", type=click.Choice(["auto", "batch", "sum", "none"]), default="auto", show_default=True,
+              help="Per-sample coefficients: w/B (CMW-Net's meta-training form), w/sum(w), or w. auto: w/sum(w) for "
+                   "a frozen net (it re-weights samples; --lr keeps its meaning), w/B for the fixed baselines.")
+@click.option("--trust-check", type=click.Choice(["fallback", "warn", "off"]), default="fallback", show_default=True,
+              help="At the end of the CE warm-up, judge whether the frozen net suits this target (long tail, classes "
+                   "it would starve); fallback: keep plain CE for the rest of the run, warn: weight anyway.")
 @click.option("--families", type=FAMILIES, default=None, help="Expected number of class-size families (must equal the "
                                                            "net's K; default: the net's K).")
 @click.option("--soft-labels", is_flag=True, help="CMW-Net-SL: EMA teacher, pseudo-labels and mixup (WebVision form).")

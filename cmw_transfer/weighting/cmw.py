@@ -50,6 +50,7 @@ from cmw_transfer.weighting.guards import (
     WarmupGate,
     lift_class_floor,
     reference_weight,
+    trust_verdict,
 )
 
 
@@ -109,6 +110,7 @@ class CMWLoss(WeightedLoss):
         self.epoch = 1
         self.class_monitor = ClassWeightMonitor(self.num_classes)
         self.range_monitor = LossRangeMonitor(net.loss_range)
+        self.trust_monitor = ClassWeightMonitor(self.num_classes)  # raw weights, before the floor: the trust check
 
     @classmethod
     def from_net(cls, net: CMWNet, class_counts: Sequence[int] | np.ndarray, normalization: str = "batch", *,
@@ -139,6 +141,7 @@ class CMWLoss(WeightedLoss):
         super()._apply(fn, recurse)
         self.class_monitor.to(self.family_of_class.device)
         self.range_monitor.to(self.family_of_class.device)
+        self.trust_monitor.to(self.family_of_class.device)
         return self
 
     def reference_weight(self) -> float | None:
@@ -172,6 +175,19 @@ class CMWLoss(WeightedLoss):
         """The guards' statistics of a step: losses against the recorded range, per-class weights and losses."""
         self.range_monitor.observe(losses)
         self.class_monitor.observe(weights, targets, losses)
+
+    def observe_raw(self, losses: torch.Tensor, targets: torch.Tensor) -> None:
+        """The net's raw weights (no class floor) per class, for :meth:`trust` (class-index targets only)."""
+        self.trust_monitor.observe(self.weights(losses, targets), targets)
+
+    def trust(self, class_counts: Sequence[float]) -> dict[str, Any]:
+        """:func:`~cmw_transfer.weighting.guards.trust_verdict` on what :meth:`observe_raw` saw since the last
+        call (reduced over DDP ranks): is the frozen net fit for this target?"""
+        self.trust_monitor.reduce()
+        verdict = trust_verdict(self.trust_monitor.class_means(), list(class_counts), self.net.centers,
+                                self.net.num_heads)
+        self.trust_monitor.reset()
+        return verdict
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if targets.is_floating_point():

@@ -39,6 +39,8 @@ RANGE_TOLERANCE = 0.01
 # a one-curve (K=1, MW-Net) net already lost 4.4 points to ERM at IF 10
 STRONG_TAIL = 20.0
 STRONG_TAIL_ONE_CURVE = 10.0
+TRUST_SIZE_CORR = 0.8  # trust_verdict: class size vs the net's class weight from which a tail is deepened
+TRUST_MIN_SPREAD = 2.0  # ... on a target whose largest class has at least this many times the smallest's samples
 
 
 def long_tail_advice(class_counts: Sequence[float], source_centers: Sequence[float] | None = None,
@@ -60,6 +62,58 @@ def long_tail_advice(class_counts: Sequence[float], source_centers: Sequence[flo
     return (f"the target is a strong long tail (imbalance factor {target_if:.0f}, the net's source about "
             f"{source_if:.1f}): there the high losses are largely clean tail samples, which a frozen net "
             "down-weights, and it does not re-balance classes; compare with --weighting class-balanced")
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Average ranks (ties share their mean rank), for a Spearman correlation without scipy."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (None when either side is constant)."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def trust_verdict(class_means: Sequence[float | None], class_counts: Sequence[float],
+                  source_centers: Sequence[float] | None, num_heads: int) -> dict:
+    """Is the frozen net fit for this target? Judged on what it *would* give at the end of the CE warm-up.
+
+    ``size_weight_corr``: Spearman's correlation between the classes' sample counts and the net's mean weight per
+    class. A net that gives the rare classes of a long tail *less* weight than the frequent ones (a high positive
+    correlation on a target whose counts span ``TRUST_MIN_SPREAD``) deepens the imbalance it was meant to survive.
+    """
+    seen = [(float(m), float(class_counts[c]), c) for c, m in enumerate(class_means)
+            if m is not None and class_counts[c] > 0]
+    out: dict = {"verdict": "trust", "reasons": []}
+    if len(seen) >= 3:
+        means = sorted(m for m, _, _ in seen)
+        median = means[len(means) // 2]
+        low, _, low_class = min(seen)
+        counts = [n for _, n, _ in seen]
+        out.update(class_ratio=low / median if median > 0 else None, lowest_class=low_class,
+                   mean_weight=sum(means) / len(means), count_spread=max(counts) / min(counts),
+                   size_weight_corr=spearman(counts, [m for m, _, _ in seen]))
+        corr = out["size_weight_corr"]
+        if corr is not None and corr >= TRUST_SIZE_CORR and out["count_spread"] >= TRUST_MIN_SPREAD:
+            out["reasons"].append(f"it would give the rare classes less weight than the frequent ones (rank "
+                                  f"correlation of class size and weight {corr:+.2f})")
+    if out["reasons"]:
+        out["verdict"] = "distrust"
+    return out
 
 
 def lift_class_floor(weights: torch.Tensor, targets: torch.Tensor, num_classes: int, floor: float) -> torch.Tensor:
@@ -105,6 +159,7 @@ class WarmupGate:
     epochs: int
     reference: float | None = None
     start_epoch: int | None = None
+    disabled: bool = False  # the trust check fell back: plain CE for the rest of the run
     _sum: torch.Tensor | None = field(default=None, repr=False)
     _count: int = 0
 
@@ -120,7 +175,7 @@ class WarmupGate:
 
     def applies(self, epoch: int) -> bool:
         """Is the net applied in (1-based) ``epoch``?"""
-        return self.start_epoch is not None and epoch >= self.start_epoch
+        return not self.disabled and self.start_epoch is not None and epoch >= self.start_epoch
 
     def observe(self, would_be_weights: torch.Tensor) -> None:
         w = would_be_weights.detach().float().sum()
@@ -143,10 +198,12 @@ class WarmupGate:
         return mean
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "epochs": self.epochs, "reference": self.reference, "start_epoch": self.start_epoch}
+        return {"mode": self.mode, "epochs": self.epochs, "reference": self.reference, "start_epoch": self.start_epoch,
+                "disabled": self.disabled}
 
     def load_state_dict(self, state: dict) -> None:
         self.start_epoch = state["start_epoch"]
+        self.disabled = bool(state.get("disabled", False))
 
 
 class ClassWeightMonitor:

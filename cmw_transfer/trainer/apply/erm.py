@@ -101,6 +101,7 @@ class ERMTrainer(Stage):
         self.warned: set[str] = set()
         self.per_class: dict[str, list[float | None] | None] = {}
         self.gate = self.make_gate()
+        self.trust: dict[str, Any] | None = None  # the trust check's verdict, once it ran
         self.is_weighted = False
         self.last_shape: tuple[int, ...] | None = None
         self.seen = 0
@@ -197,6 +198,7 @@ class ERMTrainer(Stage):
             "scaler": self.s.scaler.state_dict() if self.s.scaler is not None else None,
             "soft": self.soft.state_dict() if self.soft is not None else None,
             "gate": self.gate.state_dict(),
+            "trust": self.trust,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,6 +213,7 @@ class ERMTrainer(Stage):
         self.best = {"top1": state["best"]["top1"], "epoch": state["best"]["epoch"]}
         if isinstance(state.get("gate"), dict):
             self.gate.load_state_dict(state["gate"])
+        self.trust = state.get("trust")
 
     def start(self, epoch: int) -> None:
         """Wrap for DDP and build the step, continuing the lr schedule at ``epoch``."""
@@ -233,6 +236,7 @@ class ERMTrainer(Stage):
         assert self.stepper is not None
         self.stepper.reset_stats()
         self.stepper.observe_unweighted = not self.is_weighted and self.gate.start_epoch is None
+        self.stepper.observe_trust = self.trust_due()
         self.seen, self.last_shape = 0, None
         return note + ("" if self.is_weighted else " (CE warm-up)")
 
@@ -275,12 +279,17 @@ class ERMTrainer(Stage):
         criterion's monitors saw (:meth:`CMWLoss.end_epoch`: loss range, starved classes, a weight that rises with
         the loss). Every number is reduced over the ranks."""
         out: dict[str, Any] = {}
+        trust_due = self.trust_due()
         if not self.is_weighted:
             self.gate.observe_mean(row.get("would_be_mean_weight"))
             self.gate.end_epoch(epoch + 1)
             if self.gate.start_epoch is not None:
                 out["warmup_start_epoch"] = self.gate.start_epoch
+            if trust_due and self.gate.start_epoch == epoch + 2:  # the next epoch would be weighted
+                out.update(self.check_trust(epoch))
             return out
+        if trust_due:  # no warm-up epoch before this one: judged on the first weighted epoch
+            out.update(self.check_trust(epoch))
         assert isinstance(self.s.criterion, CMWLoss)
         report = self.s.criterion.end_epoch()
         out.update({k: v for k, v in report.items() if k.startswith(("loss_range_check", "frac_"))})
@@ -309,6 +318,28 @@ class ERMTrainer(Stage):
                                      "trained for (a long tail with little noise?); compare with --weighting "
                                      "class-balanced")
         return out
+
+    def trust_due(self) -> bool:
+        return self.s.net is not None and self.trust is None and self.s.cfg.trust_check != "off"
+
+    def check_trust(self, epoch: int) -> dict[str, Any]:
+        """The trust check (:meth:`CMWLoss.trust`) on the epoch's raw weights; under ``--trust-check fallback`` a
+        distrusted net is never applied again (plain CE)."""
+        s = self.s
+        assert isinstance(s.criterion, CMWLoss)
+        verdict = s.criterion.trust(s.counts.tolist())
+        verdict["epoch"] = epoch + 1
+        if verdict["verdict"] == "distrust":
+            fallback = s.cfg.trust_check == "fallback"
+            verdict["action"] = "fallback" if fallback else "warned"
+            self.gate.disabled = fallback
+            then = ("the rest of the run trains plain cross-entropy (--trust-check warn weights anyway)" if fallback
+                    else "weighting anyway (--trust-check warn)")
+            self._warn_once("trust", f"trust check after epoch {epoch + 1}: the frozen net does not suit this target "
+                                     f"({'; '.join(verdict['reasons'])}); {then}; compare with --weighting "
+                                     "class-balanced")
+        self.trust = verdict
+        return {"trust": verdict["verdict"], "trust_class_ratio": verdict.get("class_ratio")}
 
     def _warn_once(self, key: str, message: str) -> None:
         if self.ctx.is_main and key not in self.warned:
@@ -347,6 +378,7 @@ class ERMTrainer(Stage):
                               f"{cfg.trainer} / {cfg.weighting} on {cfg.dataset} ({cfg.model})")
         result = summary(self.s, self.final_eval, self.best, rows, seconds)
         result["warmup_start_epoch"] = self.gate.start_epoch
+        result["trust"] = self.trust
         per_class = self.per_class.get("test")
         if per_class:
             result["test_per_class_top1"] = per_class

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cmw_transfer.trainer.engine.distributed import DistributedContext
 from cmw_transfer.trainer.engine.evaluation import autocast
 from cmw_transfer.weighting.base import Criterion
+from cmw_transfer.weighting.cmw import CMWLoss
 from cmw_transfer.weighting.soft_labels import (
     PseudoLabelBank,
     make_teacher,
@@ -69,6 +70,7 @@ class ApplyStepper:
         self.ctx = ctx
         self.num_updates = 0
         self.observe_unweighted = False  # warm-up epochs of an auto warm-up: record what the net *would* give
+        self.observe_trust = False  # the trust check's epoch: the net's raw weights per class (a CMWLoss only)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -91,6 +93,8 @@ class ApplyStepper:
             self._guard(losses, w, y)
         elif self.observe_unweighted and self.criterion is not None:
             self.stats[7] += self.criterion.weights(losses.detach(), y).double().sum()
+        if self.observe_trust and isinstance(self.criterion, CMWLoss):
+            self.criterion.observe_raw(losses.detach(), y)
         self._record(loss, logits, y, idx, w)
         return loss.detach()
 

@@ -14,6 +14,7 @@ from cmw_transfer.trainer.config.base import StageConfig, at_least, config_finge
 WEIGHTINGS = ("cmw", "none", "focal", "class-balanced", "eql")  # fixed baselines: cmw_transfer.weighting
 EQL_FIELDS = ("eql_threshold", "eql_rho")  # --weighting eql only: in the fingerprint of EQL runs only
 TRAINERS = ("erm", "oltr")
+TRUST_CHECKS = ("fallback", "warn", "off")
 OLTR_SAMPLERS = ("class-aware", "uniform")
 # options only --trainer oltr reads: they enter the fingerprint of OLTR runs only, so ERM runs keep theirs
 OLTR_FIELDS = ("oltr_stage1_epochs", "oltr_stage2_epochs", "oltr_backbone_lr_mult", "oltr_sampler",
@@ -65,7 +66,8 @@ class ApplyConfig(StageConfig):
     cb_beta: float = 0.999
     eql_threshold: float | None = None  # --weighting eql: frequency threshold lambda (None: 1 / (2 C))
     eql_rho: float = 0.9  # --weighting eql: P(beta = 1)
-    normalization: str = "batch"
+    normalization: str = "auto"  # auto: sum for a frozen net (--weighting cmw), batch for the fixed baselines
+    trust_check: str = "fallback"  # fallback | warn | off: weighting.guards.trust_verdict at the warm-up's end
     families: int | None = None
     soft_labels: bool = False
     mixup_alpha: float = MIXUP_ALPHA
@@ -104,6 +106,10 @@ class ApplyConfig(StageConfig):
     curves: str | None = None
     log: tuple[str, ...] = ()  # --log csv,tensorboard: loggers beside metrics.jsonl (not in the fingerprint)
 
+    def __post_init__(self) -> None:
+        if self.normalization == "auto":  # stored resolved: config.json says what the run did
+            self.normalization = "sum" if self.weighting == "cmw" else "batch"
+
     def fingerprint(self) -> str:
         config = self.to_dict()
         if config["curves"] is None:  # the fingerprint of runs from before the option existed
@@ -113,6 +119,8 @@ class ApplyConfig(StageConfig):
                 config.pop(key)
         if not self.open_classes:
             config.pop("open_classes")
+        if self.trust_check == "fallback":  # the fingerprint of runs from before the option existed
+            config.pop("trust_check")
         if self.weighting != "eql":
             for key in EQL_FIELDS:
                 config.pop(key)
@@ -144,7 +152,9 @@ class ApplyConfig(StageConfig):
             raise UserError("--weighting eql changes the softmax of the plain loss; it does not combine with "
                             "--soft-labels")
         if self.normalization not in NORMALIZATIONS:
-            raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}")
+            raise UserError(f"--normalization must be one of auto, {', '.join(NORMALIZATIONS)}")
+        if self.trust_check not in TRUST_CHECKS:
+            raise UserError(f"--trust-check must be one of {', '.join(TRUST_CHECKS)}, got {self.trust_check!r}")
         at_least((("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
                   ("eval-every", self.eval_every, 1), ("warmup-lr-epochs", self.warmup_lr_epochs, 0),
                   ("workers", self.workers, 0)))
