@@ -91,7 +91,8 @@ def ceiling_cell(dataset: str, cell: str) -> str:
     return next(name for name, (_, imb) in cells.items() if imb == cells[cell][1])
 
 
-def planned_runs(datasets: list[str], seeds: list[int], methods: set[str] | None) -> list[Run]:
+def planned_runs(datasets: list[str], seeds: list[int], methods: set[str] | None,
+                 budgets: set[str] | None = None) -> list[Run]:
     runs = []
     for dataset in datasets:
         target = TARGETS[dataset]
@@ -104,7 +105,7 @@ def planned_runs(datasets: list[str], seeds: list[int], methods: set[str] | None
                 method, budget = entry.split("@")
                 if method == "ceiling" and ceiling_cell(dataset, cell) != cell:
                     continue
-                if methods is None or method in methods:
+                if (methods is None or method in methods) and (budgets is None or budget in budgets):
                     runs += [Run(dataset, cell, method, budget, seed) for seed in seeds]
     return runs
 
@@ -113,8 +114,8 @@ def execute(run: Run) -> dict:
     """One training run in this (worker) process; returns the row for runs.jsonl."""
     import torch
 
-    from cmw_transfer.trainer.apply import ApplyConfig, run_apply
-    from cmw_transfer.trainer.metatrain import MetaTrainConfig, MetaTrainer
+    from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
+    from cmw_transfer.trainer.engine.launch import run_stage
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     target = TARGETS[run.dataset]
@@ -126,14 +127,14 @@ def execute(run: Run) -> dict:
         common = dict(imbalance=imbalance, model=target["model"], seed=run.seed, device="cpu", **budget)
         if run.method in ("mwnet", "cmwnet"):
             cfg = MetaTrainConfig(src=run.dataset, out=str(out), method=run.method, noise=noise, workers=0,
-                                  **META[run.dataset], **common)
-            summary = MetaTrainer(cfg, progress=False).run()
+                                  progress=False, **META[run.dataset], **common)
+            summary = run_stage(cfg)
             return {"top1": float(summary["final"]["test_top1"]), "seconds": time.perf_counter() - start}
         weighting = {"erm": "none", "ceiling": "none", "class-balanced": "class-balanced"}.get(run.method, "cmw")
         cfg = ApplyConfig(dataset=run.dataset, out=str(out), weighting=weighting, weights=NETS.get(run.method),
                           noise=None if run.method == "ceiling" else noise, workers=0, progress=False,
                           eval_every=budget["epochs"], **common)
-        summary = run_apply(cfg)
+        summary = run_stage(cfg)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         families = out / "families.json"
         return {"top1": float(summary["final"]["test_top1"]), "seconds": time.perf_counter() - start,
@@ -188,13 +189,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
     parser.add_argument("--dataset", choices=list(TARGETS), action="append")
     parser.add_argument("--methods", default=None, help="comma-separated subset (erm, ceiling, cmw-digits, ...)")
+    parser.add_argument("--budgets", default=None, help="comma-separated subset of study,short")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only print the tables of what is done")
     args = parser.parse_args()
     datasets = args.dataset or list(TARGETS)
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = planned_runs(datasets, seeds, set(args.methods.split(",")) if args.methods else None)
+    runs = planned_runs(datasets, seeds, set(args.methods.split(",")) if args.methods else None,
+                         set(args.budgets.split(",")) if args.budgets else None)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         run_all(runs, args.out, args.jobs)
