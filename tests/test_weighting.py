@@ -28,11 +28,13 @@ def batch(n=12, c=6, seed=0):
 
 
 def test_hard_targets_are_the_weighted_cross_entropy():
+    """The default divides by the weights' sum; ``"batch"`` (the paper's meta-training form) by the batch size."""
     crit = criterion()
     logits, y = batch()
     losses = F.cross_entropy(logits, y, reduction="none")
     w = crit.net(losses.detach(), crit.family_of_class[y])
-    torch.testing.assert_close(crit(logits, y), (w * losses).sum() / len(y))
+    torch.testing.assert_close(crit(logits, y), (w * losses).sum() / w.sum())
+    torch.testing.assert_close(criterion(normalization="batch")(logits, y), (w * losses).sum() / len(y))
 
 
 def test_one_hot_soft_targets_equal_hard_targets():
@@ -87,7 +89,7 @@ def test_label_smoothing_weights_the_smoothed_loss():
     logits, y = batch()
     losses = F.cross_entropy(logits, y, reduction="none", label_smoothing=0.1)
     w = crit.net(losses.detach(), crit.family_of_class[y])
-    torch.testing.assert_close(crit(logits, y), (w * losses).mean())
+    torch.testing.assert_close(crit(logits, y), (w * losses).sum() / w.sum())
     with pytest.raises(ValueError):
         criterion(label_smoothing=1.5)
 
