@@ -208,7 +208,7 @@ def compile_vs_eager(data, device: str, batch: int, steps: int, backend: str) ->
             net = torch.compile(model, backend=backend) if compiled else model
             criterion = _criterion(counts, device)
             stepper = ApplyStepper(net, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                   criterion=criterion, device=torch.device(device))
+                                   criterion=criterion)
             idx = torch.arange(batch, device=device)
             losses = [float(stepper(x[idx + k * batch], y[idx + k * batch], idx, True)) for k in range(steps)]
             runs.append((np.array(losses), copy.deepcopy(model.state_dict())))

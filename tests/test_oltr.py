@@ -62,7 +62,7 @@ def weights_dir(tmp_path_factory) -> Path:
 def oltr_config(out: Path, weights: Path | None, **overrides) -> ApplyConfig:
     base = dict(dataset="digits", out=str(out), weights=str(weights) if weights else None, imbalance=10.0,
                 model=MODEL, trainer="oltr", epochs=2, oltr_stage2_epochs=2, warmup_epochs=1, batch_size=64,
-                lr=0.05, workers=0, seed=0, progress=False, open_classes=(9,))
+                lr=0.05, workers=0, seed=0, progress=False, open_classes=(9,), trust_check="off")
     base.update(overrides)
     return ApplyConfig(**base)
 
@@ -322,6 +322,13 @@ def test_resume_continues_either_stage_exactly(kill_at, oltr_run, tmp_path, weig
         assert torch.equal(got["model"][key], tensor), key
 
 
+def test_a_distrusted_net_is_not_applied_in_either_oltr_stage(tmp_path, weights_dir):
+    """The trust check's fallback holds through both stages, also with a fixed warm-up per stage."""
+    summary = run_stage(oltr_config(tmp_path / "oltr", weights_dir, trust_check="fallback"))
+    assert summary["trust"]["verdict"] == "distrust" and summary["trust"]["action"] == "fallback"
+    assert not any(row["weighted"] for row in _rows(tmp_path / "oltr"))
+
+
 def test_erm_trainer_evaluates_the_open_set_too(tmp_path):
     summary = run_stage(oltr_config(tmp_path / "erm", None, trainer="erm", weighting="none", epochs=1,
                                     open_threshold=0.5))
@@ -334,7 +341,7 @@ def test_fingerprints_keep_erm_runs_resumable_and_separate_oltr_settings(tmp_pat
     erm = ApplyConfig(dataset="digits", out=str(tmp_path))
     old_fields = {k: v for k, v in erm.to_dict().items()
                   if k not in (*OLTR_FIELDS, *EQL_FIELDS, "trainer", "open_dataset", "open_classes", "open_threshold",
-                               "open_accept", "curves")}
+                               "open_accept", "curves", "trust_check")}
     assert erm.fingerprint() == config_fingerprint(old_fields, ignore=RESUME_FREE)  # as before OLTR existed
     assert ApplyConfig(dataset="digits", out=str(tmp_path), dcl_weight=0.5).fingerprint() == erm.fingerprint()
     assert ApplyConfig(dataset="digits", out=str(tmp_path), open_classes=(9,)).fingerprint() != erm.fingerprint()

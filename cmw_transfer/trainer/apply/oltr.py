@@ -227,7 +227,7 @@ class OLTRTrainer(ERMTrainer):
     def weighted(self, epoch: int) -> bool:
         """A fixed CE warm-up opens *each* stage: stage 2 starts a new classifier, whose first losses say nothing.
         ``auto`` decides once, on the first stage's losses (the shared gate of the apply stage)."""
-        if self.s.cfg.warmup_epochs == "auto":
+        if self.s.cfg.warmup_epochs == "auto" or self.gate.disabled:  # disabled: the trust check fell back
             return super().weighted(epoch)
         return epoch - (self.stage1_epochs if epoch >= self.stage1_epochs else 0) >= self.s.cfg.warmup_epochs
 
