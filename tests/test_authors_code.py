@@ -204,12 +204,16 @@ def test_bench_labels_its_baseline_in_every_table(tmp_path, capsys):
     bench.main(small_args(mwn, cmwn, "--also-stand-in"))
     out = capsys.readouterr().out
     assert "authors' code vs the toolkit" in out
-    assert out.count("baseline (authors): authors' code: MW-Net.py train() unchanged, CMW-Net's ACVNet") == 2
+    tables = [line for line in out.splitlines() if line.startswith("| mode |")]
+    assert len(tables) >= 2  # wall-clock and CPU time; a third for quiet rounds when the machine had any
+    label = "baseline (authors): authors' code: MW-Net.py train() unchanged, CMW-Net's ACVNet"
+    assert out.count(label) == len(tables)  # one label per table, however many the machine's load produced
     rows = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
     assert {"authors", "stand-in", "exact", "floor", "floor-exact", "erm"} <= rows
     bench.main(small_args(None))
     out = capsys.readouterr().out
-    assert out.count("baseline (stand-in): stand-in: tests/reference_official.py") == 2
+    tables = sum(line.startswith("| mode |") for line in out.splitlines())
+    assert out.count("baseline (stand-in): stand-in: tests/reference_official.py") == tables >= 2
     assert "| authors |" not in out
 
 

@@ -3,8 +3,15 @@
 What reproduction guarantees (README, "The shipped nets"): on one machine, regeneration is bit-exact; on
 another CPU the source labels are bit-identical (tests/test_bias_digest.py) but training floats are not, so the
 regenerated net matches the shipped one in what a user relies on: the same class-size families, weight curves
-within CURVE_TOLERANCE on the loss grid and a clean-vs-noisy AUC within AUC_TOLERANCE. The tolerances are a few
-times the spread measured over ATen's CPU kernels (default / AVX2 / AVX-512: curves 0.06, AUC 0.001).
+within CURVE_TOLERANCE on the loss grid (NOISY_HEAD_TOLERANCE on the heads of the families that hold the noise)
+and a clean-vs-noisy AUC within AUC_TOLERANCE.
+
+Measured spread of cmwnet-digits-pmd over three CPU paths (the shipped net, ATen's default and AVX2 kernels on an
+AMD EPYC, ``ATEN_CPU_CAPABILITY``): the worst pair differs by 0.189, all of it in head 0 (the small family, which
+holds no flipped labels) at the top of the loss grid, where that head's curve is barely constrained by data (0.62 vs
+0.43 at loss 6); heads 1 and 2 differ by at most 0.027 anywhere, the AUC by 0.0014. An earlier Intel machine saw a
+0.06 spread, so the first bound that is "a few times the spread" does not hold on every CPU: the bounds are set
+above the worst measured pair, with the tighter one where the weights matter (the noisy families).
 """
 
 import hashlib
@@ -23,7 +30,8 @@ from cmw_transfer.weights.spec import list_pretrained
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("cmwnet-digits-pmd", "cmwnet-sl-digits-pmd", "mwnet-digits-pmd", "cmwnet-fashion-mnist-pmd",
            "mwnet-fashion-mnist-pmd")
-CURVE_TOLERANCE = 0.15
+CURVE_TOLERANCE = 0.25  # worst measured pair 0.189 (head 0, loss 6)
+NOISY_HEAD_TOLERANCE = 0.06  # heads 1-2 (the families whose labels PMD flips): worst measured pair 0.027
 AUC_TOLERANCE = 0.03
 LOSS_GRID = np.linspace(0.0, 6.0, 25)
 # metatrain --src fashion-mnist-pmd: 100 clean images per class held out, then PMD-I 35% + asym 30% (machine-stable)
@@ -94,8 +102,9 @@ def test_regenerated_net_matches_the_shipped_one_in_what_matters(regenerated):
     shipped, regen = CMWNet.from_pretrained(shipped_dir), CMWNet.from_pretrained(regenerated[0])
     assert np.allclose(regen.centers, shipped.centers, rtol=0, atol=1e-9)  # identical labels -> same families
     assert regen.provenance == shipped.provenance
-    gap = np.abs(regen.curves(LOSS_GRID) - shipped.curves(LOSS_GRID)).max()
-    assert gap <= CURVE_TOLERANCE, f"weight curves differ by {gap:.3f} > {CURVE_TOLERANCE}"
+    gaps = np.abs(regen.curves(LOSS_GRID) - shipped.curves(LOSS_GRID)).max(axis=1)  # per head
+    assert gaps.max() <= CURVE_TOLERANCE, f"weight curves differ by {gaps.max():.3f} > {CURVE_TOLERANCE}"
+    assert gaps[1:].max() <= NOISY_HEAD_TOLERANCE, f"noisy-family heads differ by {gaps[1:].max():.3f}"
     assert abs(_last_auc(regenerated[0]) - _last_auc(shipped_dir)) <= AUC_TOLERANCE
 
 
