@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study_table import print_table
+from study_table import load_cache, print_table
 
 from cmw_transfer.dataset import create_dataset
 from cmw_transfer.trainer.config import ApplyConfig, MetaTrainConfig
@@ -112,18 +112,6 @@ def realised_noise(noise: str | None, imbalance: float | None, seed: int) -> flo
 def run_key(method: str, setting: str, seed: int, args) -> str:
     return json.dumps([method, *MATRIX[setting], seed, args.model, args.epochs, args.batch_size, args.lr,
                        args.warmup_epochs])
-
-
-def load_cache(path: Path) -> dict[str, dict]:
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            done[row["key"]] = row
-    return done
 
 
 def goal_checks(results: dict[str, dict[str, list[float]]], noise: dict[str, float], settings: list[str],

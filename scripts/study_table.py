@@ -1,9 +1,25 @@
-"""The markdown table the study scripts print: one row per setting, mean ± std over seeds per method."""
+"""What the study scripts share: their resumable ``runs.jsonl`` cache and the markdown table they print (one row
+per setting, mean ± std over seeds per method)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
+
+
+def load_cache(path: Path) -> dict[str, dict]:
+    """The finished runs of a study's ``runs.jsonl`` by key (a line cut short by a kill is skipped)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["key"]] = row
+    return done
 
 
 def cell(values: list[float | None], digits: int = 1) -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from study_table import load_cache
 
 CACHE_NAME = "runs.jsonl"
 NETS = {  # the MW-Net Fashion twin is left out: its source curve is flat (README "Real data"), not a net to ship
@@ -154,21 +155,9 @@ def realised_noise(dataset: str, cell: str, seeds: list[int]) -> float:
     return float(statistics.mean(rates))
 
 
-def load_done(path: Path) -> dict[str, dict]:
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            done[row["key"]] = row
-    return done
-
-
 def run_all(runs: list[Run], out: Path, jobs: int) -> None:
     cache = out / CACHE_NAME
-    todo = sorted((r for r in runs if r.key not in load_done(cache)), key=lambda r: r.seed)  # a whole seed first
+    todo = sorted((r for r in runs if r.key not in load_cache(cache)), key=lambda r: r.seed)  # a whole seed first
     print(f"{len(runs) - len(todo)} of {len(runs)} runs done; running {len(todo)} with {jobs} job(s)",
           file=sys.stderr, flush=True)
     import multiprocessing
@@ -203,7 +192,7 @@ def main() -> None:
         run_all(runs, args.out, args.jobs)
     from study_report import report
 
-    report(load_done(args.out / CACHE_NAME), datasets, seeds, realised_noise)
+    report(load_cache(args.out / CACHE_NAME), datasets, seeds, realised_noise)
 
 
 if __name__ == "__main__":
