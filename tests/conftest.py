@@ -32,3 +32,20 @@ def offline_cache(tmp_path, monkeypatch):
 def fashion_dir():
     """The real Fashion-MNIST folder; the test skips without it (fails under CMW_REQUIRE_REAL_DATA=1)."""
     return fashion_mnist_dir()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command gets as far as loading data, building a model or starting torchrun."""
+    import cmw_transfer.cli.apply_cmd as apply_cmd_module
+    import cmw_transfer.dataset.registry as registry
+    import cmw_transfer.trainer.engine.launch as launch_mod
+    import cmw_transfer.trainer.metatrain.stage as meta_mod
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reached data loading / training")
+
+    monkeypatch.setattr(launch_mod, "run_stage", forbidden)
+    monkeypatch.setattr(meta_mod.MetaTrainer, "__init__", forbidden)
+    monkeypatch.setattr(registry, "create_dataset", forbidden)
+    monkeypatch.setattr(apply_cmd_module, "run_under_torchrun", forbidden)

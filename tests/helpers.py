@@ -55,3 +55,10 @@ def launch(cfg, **changes):  # -> cmw_transfer.trainer.engine.loop.Engine
     from cmw_transfer.trainer.engine.launch import launch as start
 
     return start(replace(cfg, **{"progress": False, **changes}))
+
+
+def one_error_line(err: str) -> str:
+    """The one ``error: ...`` line a refusal must print (and nothing else)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

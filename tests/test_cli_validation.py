@@ -18,33 +18,10 @@ from cmw_transfer.cli.metatrain_cmd import metatrain_cmd
 from cmw_transfer.cli.options import DEVICE, FLOAT32_MAX, MAX_IMG_SIZE, FiniteFloat
 from cmw_transfer.cli.text import printable
 from cmw_transfer.errors import UserError
-from tests.helpers import call_main, make_net
+from tests.helpers import call_main, make_net, one_error_line
 
 APPLY = ["apply", "--dataset", "digits", "--weighting", "none", "--model", "small_cnn", "--epochs", "1",
          "--workers", "0", "--no-progress"]
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fail the test if a command gets as far as loading data or building a model."""
-    import cmw_transfer.cli.apply_cmd as apply_cmd_module
-    import cmw_transfer.dataset.registry as registry
-    import cmw_transfer.trainer.engine.launch as launch_mod
-    import cmw_transfer.trainer.metatrain.stage as meta_mod
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("reached data loading / training")
-
-    monkeypatch.setattr(launch_mod, "run_stage", forbidden)
-    monkeypatch.setattr(meta_mod.MetaTrainer, "__init__", forbidden)
-    monkeypatch.setattr(registry, "create_dataset", forbidden)
-    monkeypatch.setattr(apply_cmd_module, "run_under_torchrun", forbidden)
 
 
 # -- the types --------------------------------------------------------------------------------------------------
@@ -110,7 +87,7 @@ def test_every_numeric_option_is_validated(command):
     ["--img-size", str(MAX_IMG_SIZE + 1)], ["--device", "meta"], ["--device", "garbage"], ["--nproc", "0"],
     ["--nproc", "2", "--lr", "nan"], ["--nproc", "2", "--dataset", "nope"], ["--nproc", "2", "--noise", "bogus:1"],
 ], ids=" ".join)
-def test_apply_refuses_before_loading_anything(capsys, tmp_path, no_training, args):
+def test_apply_refuses_before_loading_anything(capsys, tmp_path, no_work, args):
     code, out, err = call_main([*APPLY, "--out", str(tmp_path / "run"), *args], capsys)
     assert code == 2 and out == ""
     line = one_error_line(err)
@@ -121,7 +98,7 @@ def test_apply_refuses_before_loading_anything(capsys, tmp_path, no_training, ar
 @pytest.mark.parametrize("args", [["--meta-lr", "nan"], ["--lr", "inf"], ["--ema-decay", "2"],
                                   ["--weight-decay", "-1"], ["--seed", str(2**64)], ["--device", "meta"],
                                   ["--hidden-size", "0"], ["--mixup-alpha", "-inf"]], ids=" ".join)
-def test_metatrain_refuses_before_loading_anything(capsys, tmp_path, no_training, args):
+def test_metatrain_refuses_before_loading_anything(capsys, tmp_path, no_work, args):
     code, out, err = call_main(["metatrain", "--src", "digits-pmd", "--out", str(tmp_path / "m"), *args], capsys)
     assert code == 2 and out == "" and f"'{args[0]}'" in one_error_line(err)
 

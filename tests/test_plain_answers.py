@@ -18,16 +18,10 @@ import torch
 from cmw_transfer.artifact.scales import DegenerateScalesWarning, fit_families
 from cmw_transfer.errors import UserError
 from cmw_transfer.trainer.config import ApplyConfig
-from tests.helpers import call_main
+from tests.helpers import call_main, one_error_line
 
 TINY = ["--dataset", "digits", "--imbalance", "10", "--weighting", "none", "--model", "small_cnn", "--workers", "0",
         "--batch-size", "64", "--device", "cpu", "--no-progress", "--lr", "0.05"]
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 # -- a refused resume names what changed ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from cmw_transfer.cli import options as opt
 from cmw_transfer.errors import UserError
-from tests.helpers import call_main
+from tests.helpers import call_main, one_error_line
 
 APPLY = ["apply", "--dataset", "digits", "--weighting", "none", "--model", "small_cnn", "--epochs", "2",
          "--workers", "0", "--no-progress", "--device", "cpu"]
@@ -27,29 +27,6 @@ FOREIGN_DIGITS = [chr(c) for c in range(0x110000) if chr(c).isdecimal() and chr(
 
 def _case_id(value: object) -> str:
     return " ".join(value) if isinstance(value, list) else str(value)
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if a command gets as far as loading data, building a model or starting torchrun."""
-    import cmw_transfer.cli.apply_cmd as apply_cmd_module
-    import cmw_transfer.dataset.registry as registry
-    import cmw_transfer.trainer.engine.launch as launch_mod
-    import cmw_transfer.trainer.metatrain.stage as meta_mod
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("reached data loading / training")
-
-    monkeypatch.setattr(launch_mod, "run_stage", forbidden)
-    monkeypatch.setattr(meta_mod.MetaTrainer, "__init__", forbidden)
-    monkeypatch.setattr(registry, "create_dataset", forbidden)
-    monkeypatch.setattr(apply_cmd_module, "run_under_torchrun", forbidden)
 
 
 def refused(capsys, tmp_path, args: list[str]) -> str:
