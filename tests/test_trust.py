@@ -99,3 +99,24 @@ def test_cmwloss_trust_judges_what_observe_raw_saw_and_starts_afresh():
     assert verdict["size_weight_corr"] == pytest.approx(expected)
     assert verdict["verdict"] == ("distrust" if expected >= TRUST_SIZE_CORR else "trust")
     assert loss.trust(counts) == {"verdict": "trust", "reasons": []}  # the monitor was reset
+
+
+def test_the_verdict_reads_one_epoch_not_the_whole_warm_up(tmp_path):
+    """Every warm-up epoch starts the trust monitor afresh: the check judges the epoch before the net is applied."""
+    import torch
+
+    from cmw_transfer.trainer.config import ApplyConfig
+    from tests.helpers import launch
+
+    cfg = ApplyConfig(dataset="digits", out=str(tmp_path / "run"), weights="pretrained:cmwnet-digits-pmd",
+                      model="small_cnn", epochs=3, warmup_epochs=2, workers=0, imbalance=10.0)
+    engine = launch(cfg)
+    stage = engine.stage
+    stage.start(0)
+    stage.begin_epoch(0)
+    assert stage.stepper.observe_trust
+    monitor = stage.s.criterion.trust_monitor
+    monitor.observe(torch.ones(4), torch.zeros(4, dtype=torch.long))
+    assert float(monitor.counts.sum()) == 4
+    stage.begin_epoch(1)
+    assert float(monitor.counts.sum()) == 0

@@ -237,6 +237,9 @@ class ERMTrainer(Stage):
         self.stepper.reset_stats()
         self.stepper.observe_unweighted = not self.is_weighted and self.gate.start_epoch is None
         self.stepper.observe_trust = self.trust_due()
+        if self.stepper.observe_trust:  # judged on one epoch's weights: the one before the net is applied
+            assert isinstance(self.s.criterion, CMWLoss)
+            self.s.criterion.trust_monitor.reset()
         self.seen, self.last_shape = 0, None
         return note + ("" if self.is_weighted else " (CE warm-up)")
 
