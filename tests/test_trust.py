@@ -24,18 +24,18 @@ TAIL = [200, 120, 80, 50, 30, 20, 12, 8, 6, 4]
 
 def test_a_net_that_starves_the_rare_classes_of_a_tail_is_distrusted():
     rising = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1]  # the rarer the class, the lower its weight
-    verdict = trust_verdict(rising, TAIL, [100.0], num_heads=1)
+    verdict = trust_verdict(rising, TAIL)
     assert verdict["verdict"] == "distrust" and verdict["size_weight_corr"] == pytest.approx(1.0)
     assert "rare classes" in verdict["reasons"][0]
 
 
 def test_a_net_that_spares_the_rare_classes_or_a_balanced_target_is_trusted():
-    assert trust_verdict([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9], TAIL, None, 3)["verdict"] == "trust"
+    assert trust_verdict([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9], TAIL)["verdict"] == "trust"
     balanced = [100, 101, 102, 103, 104, 105, 106, 107, 108, 109]  # any order of weights: no tail to deepen
-    verdict = trust_verdict(sorted(np.linspace(0.1, 0.9, 10)), balanced, None, 1)
+    verdict = trust_verdict(sorted(np.linspace(0.1, 0.9, 10)), balanced)
     assert verdict["verdict"] == "trust" and verdict["size_weight_corr"] > TRUST_SIZE_CORR
     # classes without samples (or never seen) take no part
-    assert trust_verdict([None, 0.5, 0.5], [0, 10, 10], None, 1) == {"verdict": "trust", "reasons": []}
+    assert trust_verdict([None, 0.5, 0.5], [0, 10, 10]) == {"verdict": "trust", "reasons": []}
 
 
 def test_apply_normalisation_auto_is_sum_for_a_frozen_net_and_batch_for_the_baselines():

@@ -186,8 +186,7 @@ class CMWLoss(WeightedLoss):
         """:func:`~cmw_transfer.weighting.guards.trust_verdict` on what :meth:`observe_raw` saw since the last
         call (reduced over DDP ranks): is the frozen net fit for this target?"""
         self.trust_monitor.reduce()
-        verdict = trust_verdict(self.trust_monitor.class_means(), list(class_counts), self.net.centers,
-                                self.net.num_heads)
+        verdict = trust_verdict(self.trust_monitor.class_means(), list(class_counts))
         self.trust_monitor.reset()
         return verdict
 

@@ -88,8 +88,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
-def trust_verdict(class_means: Sequence[float | None], class_counts: Sequence[float],
-                  source_centers: Sequence[float] | None, num_heads: int) -> dict:
+def trust_verdict(class_means: Sequence[float | None], class_counts: Sequence[float]) -> dict:
     """Is the frozen net fit for this target? Judged on what it *would* give at the end of the CE warm-up.
 
     ``size_weight_corr``: Spearman's correlation between the classes' sample counts and the net's mean weight per
