@@ -93,7 +93,7 @@ def ceiling_cell(dataset: str, cell: str) -> str:
 
 
 def planned_runs(datasets: list[str], seeds: list[int], methods: set[str] | None,
-                 budgets: set[str] | None = None) -> list[Run]:
+                 budgets: set[str] | None = None, cells: set[str] | None = None) -> list[Run]:
     runs = []
     for dataset in datasets:
         target = TARGETS[dataset]
@@ -104,7 +104,7 @@ def planned_runs(datasets: list[str], seeds: list[int], methods: set[str] | None
         for cell in target["cells"]:
             for entry in fixed + transfers:
                 method, budget = entry.split("@")
-                if method == "ceiling" and ceiling_cell(dataset, cell) != cell:
+                if method == "ceiling" and ceiling_cell(dataset, cell) != cell or cells and cell not in cells:
                     continue
                 if (methods is None or method in methods) and (budgets is None or budget in budgets):
                     runs += [Run(dataset, cell, method, budget, seed) for seed in seeds]
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--dataset", choices=list(TARGETS), action="append")
     parser.add_argument("--methods", default=None, help="comma-separated subset (erm, ceiling, cmw-digits, ...)")
     parser.add_argument("--budgets", default=None, help="comma-separated subset of study,short")
+    parser.add_argument("--cells", default=None, help="semicolon-separated subset of the cells ('sym 40%%;IF 50')")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only print the tables of what is done")
@@ -186,7 +187,8 @@ def main() -> None:
     datasets = args.dataset or list(TARGETS)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = planned_runs(datasets, seeds, set(args.methods.split(",")) if args.methods else None,
-                         set(args.budgets.split(",")) if args.budgets else None)
+                         set(args.budgets.split(",")) if args.budgets else None,
+                         set(args.cells.split(";")) if args.cells else None)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         run_all(runs, args.out, args.jobs)

@@ -26,6 +26,8 @@ def test_methods_and_budgets_select_a_part():
     runs = study.planned_runs(["digits"], [0], {"erm", "cmw-fmnist"}, {"short"})
     assert {(r.method, r.budget) for r in runs} == {("erm", "short"), ("cmw-fmnist", "short")}
     assert len(runs) == 2 * len(study.TARGETS["digits"]["cells"])
+    one = study.planned_runs(["fashion-mnist"], [0], {"erm", "ceiling"}, {"study"}, {"asym 40%"})
+    assert [(r.cell, r.method) for r in one] == [("asym 40%", "erm")]  # its ceiling run is sym 40%'s
 
 
 def test_the_cache_skips_a_line_cut_short_by_a_kill(tmp_path):
