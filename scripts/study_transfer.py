@@ -104,7 +104,7 @@ def planned_runs(datasets: list[str], seeds: list[int], methods: set[str] | None
         for cell in target["cells"]:
             for entry in fixed + transfers:
                 method, budget = entry.split("@")
-                if method == "ceiling" and ceiling_cell(dataset, cell) != cell or cells and cell not in cells:
+                if (method == "ceiling" and ceiling_cell(dataset, cell) != cell) or (cells and cell not in cells):
                     continue
                 if (methods is None or method in methods) and (budgets is None or budget in budgets):
                     runs += [Run(dataset, cell, method, budget, seed) for seed in seeds]
