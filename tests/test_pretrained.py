@@ -9,8 +9,8 @@ and a clean-vs-noisy AUC within AUC_TOLERANCE.
 Measured spread of cmwnet-digits-pmd over three CPU paths (the shipped net, ATen's default and AVX2 kernels on an
 AMD EPYC, ``ATEN_CPU_CAPABILITY``): the worst pair differs by 0.189, all of it in head 0 (the small family, which
 holds no flipped labels) at the top of the loss grid, where that head's curve is barely constrained by data (0.62 vs
-0.43 at loss 6); heads 1 and 2 differ by at most 0.027 anywhere, the AUC by 0.0014. An earlier Intel machine saw a
-0.06 spread, so the first bound that is "a few times the spread" does not hold on every CPU: the bounds are set
+0.43 at loss 6); heads 1 and 2 differ by at most 0.027 anywhere, the AUC by 0.0014. The machine the nets were
+made on saw a 0.06 spread, so a bound of "a few times the spread" does not hold on every CPU: the bounds are set
 above the worst measured pair, with the tighter one where the weights matter (the noisy families).
 """
 
