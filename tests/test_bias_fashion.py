@@ -73,18 +73,24 @@ def test_pooled_distances_equal_the_exact_float64_knn(rows):
     assert np.isinf(fast[:, 8]).all()
 
 
-def test_pooled_distances_do_not_depend_on_threads():
-    x, y = toy_images(2000, seed=1)
-    q = pooled_features(x)
+
+def at_one_and_two_threads(fn):
+    """``fn()`` with torch and BLAS limited to 1 thread, then to 2 (torch's setting restored)."""
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
             with threadpool_limits(n):
-                results.append(pooled_class_distances(q, y, 10))
+                results.append(fn())
     finally:
         torch.set_num_threads(threads)
+    return results
+
+def test_pooled_distances_do_not_depend_on_threads():
+    x, y = toy_images(2000, seed=1)
+    q = pooled_features(x)
+    results = at_one_and_two_threads(lambda: pooled_class_distances(q, y, 10))
     assert np.array_equal(results[0], results[1])
 
 
@@ -175,14 +181,6 @@ def test_real_subset_is_thread_independent(fashion_eta):
     clean, _, _ = fashion_eta
     keep = np.arange(0, 60000, 20)
     q = pooled_features(clean.data[keep])
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            with threadpool_limits(n):
-                results.append(pooled_class_distances(q, clean.clean_targets[keep], 10))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_one_and_two_threads(lambda: pooled_class_distances(q, clean.clean_targets[keep], 10))
     assert np.array_equal(results[0], results[1])
     assert np.array_equal(results[0], class_distances(q.astype(np.float64), clean.clean_targets[keep], 10))

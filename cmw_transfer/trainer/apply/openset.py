@@ -22,7 +22,7 @@ from cmw_transfer.metrics.openset import calibrated_threshold, open_set_report
 from cmw_transfer.models.oltr import features_and_logits, reachability
 from cmw_transfer.trainer.config import ApplyConfig, parse_open_classes
 from cmw_transfer.trainer.engine.distributed import DistributedContext
-from cmw_transfer.trainer.engine.evaluation import autocast
+from cmw_transfer.trainer.engine.evaluation import autocast, device_batches
 from cmw_transfer.trainer.engine.loaders import make_loader
 
 
@@ -145,10 +145,7 @@ def class_centroids(features: Callable[[torch.Tensor], torch.Tensor], loader: An
     device = ctx.device
     sums: torch.Tensor | None = None
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    for batch in loader:
-        if batch is None or batch[1].numel() == 0:
-            continue
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    for x, y in device_batches(loader, device):
         with autocast(device, amp_dtype):
             v = features(x)
         v = v.double()
@@ -186,15 +183,12 @@ def evaluate_open_set(model: nn.Module, known: Any, unknown: Any, centroids: tor
     memory = centroids.to(device).float()[torch.as_tensor(counts > 0, device=device)]
     preds, labels, scores = [], [], []
     for loader, is_unknown in ((known, False), (unknown, True)):
-        for batch in loader:
-            if batch is None or batch[1].numel() == 0:
-                continue
-            x = batch[0].to(device, non_blocking=True)
+        for x, y in device_batches(loader, device):
             with autocast(device, amp_dtype):
                 v, logits = features_and_logits(model, x)
             preds.append(logits.float().argmax(1).cpu())
             scores.append(reachability(v.float(), memory, cfg.reachability_scale).cpu())
-            labels.append(torch.full_like(batch[1], num_classes) if is_unknown else batch[1].cpu())
+            labels.append(torch.full_like(y, num_classes).cpu() if is_unknown else y.cpu())
     local = [torch.cat(t).numpy() if t else np.zeros(0) for t in (preds, labels, scores)]
     gathered = ctx.all_gather_object(local)
     pred, label, score = (np.concatenate([g[i] for g in gathered]) for i in range(3))

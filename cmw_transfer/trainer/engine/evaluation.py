@@ -6,6 +6,7 @@ over ranks, so the reduced numbers equal a single-process evaluation of the same
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,6 +16,14 @@ from torch import nn
 
 from cmw_transfer.metrics.accuracy import shot_masks, topk_correct
 from cmw_transfer.trainer.engine.distributed import DistributedContext
+
+
+def device_batches(loader: Any, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's ``(x, y)`` on ``device``, skipping a batch whose images were all unreadable (empty or None)."""
+    for batch in loader:
+        if batch is None or batch[1].numel() == 0:
+            continue
+        yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -38,10 +47,7 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistributedContext, num
     model.eval()
     device = ctx.device
     hits = torch.zeros(3, num_classes, dtype=torch.float64, device=device)  # top1, top5, total per class
-    for batch in loader:
-        if batch is None or batch[1].numel() == 0:
-            continue
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    for x, y in device_batches(loader, device):
         with autocast(device, amp_dtype):
             logits = model(x)
         top = topk_correct(logits.float(), y)
